@@ -1,0 +1,24 @@
+# Two entry points for a fresh machine (see README):
+#   make demo   create .venv, install the pinned set, run the quickstart on the embedded default
+#   make test   create .venv, install with test extras, run the whole test suite
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP_FLAGS ?= -q --disable-pip-version-check
+
+.PHONY: demo test install clean-venv
+
+$(VENV)/.installed: pyproject.toml constraints.txt
+	python3 -m venv $(VENV)
+	$(PY) -m pip install $(PIP_FLAGS) -c constraints.txt -e '.[test]'
+	touch $@
+
+install: $(VENV)/.installed
+
+demo: install
+	$(VENV)/bin/lifelong-moe run configs/quickstart.yaml --overwrite
+
+test: install
+	$(PY) -m pytest -q
+
+clean-venv:
+	rm -rf $(VENV)

@@ -1,0 +1,130 @@
+"""``lifelong-moe`` command line: run, compare, metrics, list."""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+from .errors import UserError
+
+
+def _print_table(rows: list[tuple[str, dict]], keys: list[str]) -> None:
+    w = max([len(n) for n, _ in rows] + [4])
+    print(f"{'run':<{w}}  " + "  ".join(f"{k:>15}" for k in keys))
+    for name, m in rows:
+        cells = []
+        for k in keys:
+            v = (m.get(k) or {}).get("value")
+            cells.append(f"{'-' if v is None else f'{100 * v:.2f}':>15}")
+        print(f"{name:<{w}}  " + "  ".join(cells))
+
+
+SUMMARY_KEYS = ["last", "avg_incremental", "forgetting", "bwt", "mtil_transfer", "mtil_avg", "mtil_last"]
+
+
+def cmd_run(a) -> int:
+    from .config import load_config
+    from .runner import output_dir, run
+
+    configs = load_config(a.config, a.overrides)
+    if a.only:
+        wanted = set(a.only.split(","))
+        configs = [c for c in configs if c.name.rsplit("/", 1)[-1] in wanted]
+        if not configs:
+            raise UserError(f"--only {a.only}: no variant of that name")
+    multi = len(configs) > 1 or "/" in configs[0].name
+    outs = []
+    for cfg in configs:
+        out = Path(a.output) / cfg.name.rsplit("/", 1)[-1] if (a.output and multi) else output_dir(cfg, a.output)
+        outs.append(run(cfg, out, resume=a.resume, overwrite=a.overwrite, stop_after=a.stop_after,
+                        progress=not a.quiet, log=(lambda *_: None) if a.quiet else print))
+    from .results import load_record
+
+    records = [(str(o), load_record(o)) for o in outs]
+    if all(r["status"] == "complete" for _, r in records):
+        print()
+        _print_table([(r["name"], r["metrics"]) for _, r in records], SUMMARY_KEYS)
+        if len(outs) > 1:
+            from .compare import compare_runs
+
+            dest = Path(os.path.commonpath([str(o.resolve()) for o in outs])) / "compare"
+            compare_runs(outs, dest)
+            print(f"\nplots and tables: {dest}")
+    return 0
+
+
+def cmd_compare(a) -> int:
+    from .compare import compare_runs, format_metrics_table, load_run
+
+    paths = compare_runs([Path(d) for d in a.runs], Path(a.output))
+    print(format_metrics_table([load_run(Path(d)) for d in a.runs]))
+    print("\n".join(f"wrote {p}" for p in paths.values()))
+    return 0
+
+
+def cmd_metrics(a) -> int:
+    from .results import compute_metrics, load_record
+
+    record = load_record(a.run)
+    metrics = compute_metrics(record)
+    for k, m in metrics.items():
+        v = m["value"]
+        print(f"{k:>16}  {'-' if v is None else f'{100 * v:7.2f}'}   {m['definition']}")
+    return 0
+
+
+def cmd_list(a) -> int:
+    from . import metrics
+    from .clip import shipped_model_names
+    from .registry import STRATEGIES, STREAM_KINDS
+    from .streams.mtil import NAMED_ORDERS
+    from .streams.sources import KNOWN_SOURCES
+
+    print("strategies: " + ", ".join(sorted(STRATEGIES)))
+    print("streams:    " + ", ".join(STREAM_KINDS) + "   named orders: " + ", ".join(NAMED_ORDERS))
+    print("datasets:   " + ", ".join(KNOWN_SOURCES))
+    print("backbones:  shipped " + ", ".join(shipped_model_names()) + "; any open_clip name with "
+          "pretrained=<tag or path> (see open_clip.list_pretrained())")
+    print("metrics:    " + ", ".join(metrics.METRICS))
+    return 0
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="lifelong-moe", description=__doc__)
+    sub = p.add_subparsers(dest="command", required=True)
+    r = sub.add_parser("run", help="run a continual benchmark from a YAML config")
+    r.add_argument("config")
+    r.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. training.epochs=2")
+    r.add_argument("-o", "--output", help="results directory (default: output.dir of the config)")
+    r.add_argument("--resume", action="store_true", help="continue a stopped run from its last experience")
+    r.add_argument("--overwrite", action="store_true", help="replace an existing run in the output directory")
+    r.add_argument("--stop-after", type=int, help="stop after this many experiences (resume later)")
+    r.add_argument("--only", help="comma-separated variant names to run")
+    r.add_argument("-q", "--quiet", action="store_true", help="no progress bars or per-row logs")
+    r.set_defaults(fn=cmd_run)
+    c = sub.add_parser("compare", help="plots and a metrics table for several runs")
+    c.add_argument("runs", nargs="+")
+    c.add_argument("-o", "--output", required=True)
+    c.set_defaults(fn=cmd_compare)
+    m = sub.add_parser("metrics", help="recompute and print the metrics of a saved run")
+    m.add_argument("run")
+    m.set_defaults(fn=cmd_metrics)
+    sub.add_parser("list", help="known streams, datasets, backbones, strategies, metrics").set_defaults(fn=cmd_list)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    try:
+        return args.fn(args)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except FileNotFoundError as e:  # e.g. a missing dataset directory
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,163 @@
+"""Frozen CLIP backbone over open_clip and its prompt classifier head.
+
+A backbone is named as open_clip users name it: ``name`` plus ``pretrained`` (an open_clip tag such
+as ``openai`` or a local checkpoint path). Tiny configs shipped in ``model_configs/`` are
+registered with ``open_clip.add_model_config`` so that tests and the offline default need no
+download. The classifier is CLIP's own head: ``logit_scale * cos(image, text(class prompt))``
+against the class names in play, with no extra linear layer (as in ZSCL / MoE-Adapters).
+"""
+from __future__ import annotations
+
+import difflib
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .errors import UserError
+
+MODEL_CONFIG_DIR = Path(__file__).parent / "model_configs"
+_REGISTERED = False
+
+
+def register_model_configs() -> None:
+    """Make the package's tiny open_clip model configs known to open_clip (idempotent)."""
+    global _REGISTERED
+    if not _REGISTERED:
+        import open_clip
+
+        open_clip.add_model_config(MODEL_CONFIG_DIR)
+        _REGISTERED = True
+
+
+def shipped_model_names() -> list[str]:
+    return sorted(p.stem for p in MODEL_CONFIG_DIR.glob("*.json"))
+
+
+def _looks_like_path(s: str) -> bool:
+    return "/" in s or "\\" in s or s.endswith((".pt", ".pth", ".bin", ".safetensors"))
+
+
+def create_clip(name: str, pretrained: str | None):
+    """Return ``(model, tokenizer, image_size, mean, std)``; every failure is a UserError."""
+    import open_clip
+
+    register_model_configs()
+    known = open_clip.list_models()
+    if name not in known:
+        close = difflib.get_close_matches(name, known, n=3, cutoff=0.5)
+        raise UserError(f"backbone.name: unknown open_clip model {name!r}"
+                        + (f" (did you mean {', '.join(map(repr, close))}?)" if close else "")
+                        + f"; shipped tiny models: {', '.join(shipped_model_names())}")
+    if pretrained is not None and _looks_like_path(pretrained):
+        if not Path(pretrained).expanduser().is_file():
+            raise UserError(f"backbone.pretrained: checkpoint file not found: {pretrained}")
+        pretrained = str(Path(pretrained).expanduser())
+    elif pretrained is not None:
+        tags = open_clip.list_pretrained_tags_by_model(name)
+        if pretrained not in tags:
+            raise UserError(f"backbone.pretrained: {pretrained!r} is neither an existing file nor an "
+                            f"open_clip tag of {name!r} (tags: {', '.join(tags) or 'none'})")
+    logging.getLogger().setLevel(max(logging.getLogger().level, logging.ERROR))  # "no weights" chatter
+    try:
+        model, _, preprocess = open_clip.create_model_and_transforms(name, pretrained=pretrained)
+    except Exception as e:  # offline download failure, corrupt file, shape mismatch
+        hint = ("" if pretrained is None or _looks_like_path(pretrained) else
+                " The weights of an open_clip tag are downloaded on first use; on a machine without "
+                "network, download them elsewhere (they land in the Hugging Face cache) or set "
+                "backbone.pretrained to a local checkpoint path.")
+        raise UserError(f"could not load backbone {name!r} with pretrained={pretrained!r}: "
+                        f"{type(e).__name__}: {e}.{hint}") from None
+    tokenizer = open_clip.get_tokenizer(name)
+    vis = model.visual
+    size = vis.image_size if isinstance(vis.image_size, int) else vis.image_size[0]
+    mean = getattr(vis, "image_mean", None) or (0.48145466, 0.4578275, 0.40821073)
+    std = getattr(vis, "image_std", None) or (0.26862954, 0.26130258, 0.27577711)
+    return model, tokenizer, int(size), tuple(mean), tuple(std)
+
+
+@dataclass(frozen=True)
+class Head:
+    """The classes in play for one forward pass: names, their prompt templates, a cache key."""
+
+    class_names: tuple[str, ...]
+    templates: tuple[str, ...]
+
+    @property
+    def key(self) -> tuple:
+        return (self.class_names, self.templates)
+
+
+class ClipClassifier(nn.Module):
+    """CLIP image and text towers plus the prompt head. Every backbone weight starts frozen.
+
+    Adapters (LoRA, MoE experts) are injected into ``self.clip``'s blocks by strategies; they
+    switch ``requires_grad`` on for what they train.
+    """
+
+    def __init__(self, clip: nn.Module, tokenizer, image_size: int, mean, std, cache_text: bool = True):
+        super().__init__()
+        self.clip = clip
+        self.tokenizer = tokenizer
+        self.image_size = image_size
+        self.register_buffer("mean", torch.tensor(mean).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(std).view(1, 3, 1, 1), persistent=False)
+        self.cache_text = cache_text
+        self._text_cache: dict[tuple, torch.Tensor] = {}
+        for p in self.clip.parameters():
+            p.requires_grad_(False)
+
+    @classmethod
+    def from_config(cls, name: str, pretrained: str | None, cache_text: bool = True) -> "ClipClassifier":
+        return cls(*create_clip(name, pretrained), cache_text=cache_text)
+
+    # ------------------------------------------------------------------ towers
+    def check_images(self, x: torch.Tensor) -> None:
+        s = self.image_size
+        if x.ndim != 4 or x.shape[1] != 3 or x.shape[2] != s or x.shape[3] != s:
+            raise ValueError(f"images must have shape [batch, 3, {s}, {s}] for this backbone, "
+                             f"got {list(x.shape)}")
+
+    def encode_image(self, x: torch.Tensor) -> torch.Tensor:
+        self.check_images(x)
+        return F.normalize(self.clip.encode_image(x), dim=-1)
+
+    def text_tower_trainable(self) -> bool:
+        return any(p.requires_grad for n, p in self.clip.named_parameters() if not n.startswith("visual."))
+
+    def encode_prompts(self, prompts: Sequence[str]) -> torch.Tensor:
+        tokens = self.tokenizer(list(prompts)).to(self.mean.device)
+        return F.normalize(self.clip.encode_text(tokens), dim=-1)
+
+    def text_features(self, head: Head) -> torch.Tensor:
+        """Class embeddings: mean of normalised prompt features over templates, renormalised."""
+        cacheable = self.cache_text and not (self.training and self.text_tower_trainable())
+        if cacheable and head.key in self._text_cache:
+            return self._text_cache[head.key]
+        prompts = [t.format(c) for c in head.class_names for t in head.templates]
+        with torch.set_grad_enabled(torch.is_grad_enabled() and not cacheable):
+            feats = self.encode_prompts(prompts).view(len(head.class_names), len(head.templates), -1)
+            feats = F.normalize(feats.mean(dim=1), dim=-1)
+        if cacheable:
+            self._text_cache[head.key] = feats.detach()
+        return feats
+
+    def train(self, mode: bool = True) -> "ClipClassifier":
+        if mode and self.text_tower_trainable():
+            self._text_cache.clear()
+        return super().train(mode)
+
+    def clear_text_cache(self) -> None:
+        self._text_cache.clear()
+
+    @property
+    def logit_scale(self) -> torch.Tensor:
+        return self.clip.logit_scale.exp()
+
+    def forward(self, x: torch.Tensor, head: Head) -> torch.Tensor:
+        """Eq. (CLIP): logits = s * <f_img(x), f_txt(prompt(c))> for every class c of ``head``."""
+        return self.logit_scale * self.encode_image(x) @ self.text_features(head).t()

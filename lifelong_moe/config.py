@@ -1,0 +1,267 @@
+"""Run configuration: YAML (with ``extends``) + dotted ``key=value`` overrides -> a typed schema.
+
+Validation is pydantic's; this module only formats its errors so that each names the full key path,
+and suggests the closest known key for a typo.
+"""
+from __future__ import annotations
+
+import copy
+import difflib
+from pathlib import Path
+from typing import Any, Literal, Optional, Union
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, model_validator
+from pydantic_core import PydanticCustomError
+
+from .errors import ConfigError
+
+
+class Strict(BaseModel):
+    """A config section: unknown keys are errors, with a close-match suggestion."""
+
+    model_config = ConfigDict(extra="forbid", validate_default=True)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _unknown_keys(cls, data: Any) -> Any:
+        if isinstance(data, dict):
+            known = set(cls.model_fields)
+            unknown = [k for k in data if k not in known]
+            if unknown:
+                parts = []
+                for key in unknown:
+                    close = difflib.get_close_matches(str(key), sorted(known), n=1, cutoff=0.4)
+                    parts.append(f"unknown key {key!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
+                raise PydanticCustomError(
+                    "unknown_key", "{msg}; known keys: {known}",
+                    {"msg": "; ".join(parts), "known": ", ".join(sorted(known))})
+        return data
+
+
+class SplitSizes(Strict):
+    """Deterministic subsampling: at most this many samples per class (None keeps all)."""
+
+    train: Optional[int] = Field(None, gt=0)
+    test: Optional[int] = Field(None, gt=0)
+
+
+class SourceSpec(Strict):
+    """One dataset of a stream: a source name plus where its files are."""
+
+    dataset: str
+    path: Optional[str] = None
+    name: Optional[str] = None
+    templates: Optional[list[str]] = None
+
+
+class StreamConfig(Strict):
+    kind: Literal["class_incremental", "multi_domain"]
+    root: Optional[str] = None
+    download: bool = False
+    test_fraction: float = Field(0.2, gt=0, lt=1)
+    samples_per_class: SplitSizes = SplitSizes()
+    # class_incremental
+    dataset: Optional[Union[str, SourceSpec]] = None
+    num_experiences: Optional[int] = Field(None, gt=0)
+    classes_per_experience: Optional[list[int]] = None
+    class_order: Union[Literal["seed", "natural"], list[int]] = "seed"
+    # multi_domain
+    domains: Optional[list[Union[str, SourceSpec]]] = None
+    order: Optional[str] = None
+
+    @model_validator(mode="after")
+    def _kind_fields(self) -> "StreamConfig":
+        if self.kind == "class_incremental":
+            if self.dataset is None:
+                raise ValueError("a class_incremental stream needs 'dataset'")
+            if (self.num_experiences is None) == (self.classes_per_experience is None):
+                raise ValueError("give exactly one of 'num_experiences' and 'classes_per_experience'")
+        else:
+            if (self.domains is None) == (self.order is None):
+                raise ValueError("a multi_domain stream needs exactly one of 'domains' and 'order'")
+        return self
+
+
+class BackboneConfig(Strict):
+    """A CLIP backbone as open_clip users name it: ``name`` plus ``pretrained`` (tag or path)."""
+
+    name: str = "lmoe-tiny-vit"
+    pretrained: Optional[str] = None
+    templates: list[str] = ["a photo of a {}."]
+    dataset_templates: bool = True  # prefer a dataset's own templates when it ships some
+    cache_text_features: bool = True
+
+
+class OptimizerConfig(Strict):
+    name: Literal["adamw", "adam", "sgd"] = "adamw"
+    lr: float = Field(1e-3, gt=0)
+    weight_decay: float = Field(0.0, ge=0)
+    momentum: float = Field(0.9, ge=0)
+    betas: tuple[float, float] = (0.9, 0.999)
+
+
+class ScheduleConfig(Strict):
+    name: Literal["constant", "cosine"] = "constant"
+    warmup_steps: int = Field(0, ge=0)
+
+
+class TrainingConfig(Strict):
+    epochs: int = Field(1, gt=0)
+    iterations: Optional[int] = Field(None, gt=0)  # when set, overrides epochs
+    batch_size: int = Field(32, gt=0)
+    optimizer: OptimizerConfig = OptimizerConfig()
+    schedule: ScheduleConfig = ScheduleConfig()
+    lr_per_experience: Optional[list[float]] = None
+    label_smoothing: float = Field(0.0, ge=0, lt=1)
+    label_space: Literal["task", "seen"] = "task"
+    prompt: Literal["first", "ensemble"] = "first"
+    num_workers: int = Field(0, ge=0)
+    log_every: int = Field(1, gt=0)
+
+
+class EvaluationConfig(Strict):
+    batch_size: int = Field(256, gt=0)
+    label_space: Literal["task", "seen", "all"] = "task"
+    prompt: Literal["first", "ensemble"] = "ensemble"
+    zero_shot_row: bool = True
+
+
+class StrategyConfig(BaseModel):
+    """``name`` picks a file under ``strategies/``; the other keys are validated by its Params."""
+
+    model_config = ConfigDict(extra="allow")
+    name: str
+    _params: Any = PrivateAttr(None)
+
+
+class OutputConfig(Strict):
+    dir: str = "runs/{name}"
+    checkpoints: bool = True
+
+
+class RunConfig(Strict):
+    name: str = "run"
+    seed: int = 0
+    stream: StreamConfig
+    backbone: BackboneConfig = BackboneConfig()
+    strategy: StrategyConfig
+    training: TrainingConfig = TrainingConfig()
+    evaluation: EvaluationConfig = EvaluationConfig()
+    output: OutputConfig = OutputConfig()
+    variants: Optional[list[dict[str, Any]]] = None  # each: {name: ..., <partial config>}
+
+    def strategy_params(self) -> BaseModel:
+        return self.strategy._params  # set by load_config
+
+    def to_dict(self) -> dict:
+        d = self.model_dump(mode="json", exclude={"variants"})
+        d["strategy"] = {"name": self.strategy.name, **self.strategy_params().model_dump(mode="json", exclude={"name"})}
+        return d
+
+
+# ----------------------------------------------------------------------------------------- loading
+def deep_merge(base: dict, over: dict) -> dict:
+    out = copy.deepcopy(base)
+    for k, v in over.items():
+        if isinstance(v, dict) and isinstance(out.get(k), dict):
+            out[k] = deep_merge(out[k], v)
+        else:
+            out[k] = copy.deepcopy(v)
+    return out
+
+
+def read_yaml_tree(path: str | Path, _seen: tuple = ()) -> dict:
+    """Read a YAML file, resolving ``extends: other.yaml`` (a path or list, relative to the file)."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    if path.resolve() in _seen:
+        raise ConfigError(f"{path}: 'extends' forms a cycle")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: malformed YAML: {e}") from None
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping of keys, got {type(data).__name__}")
+    bases = data.pop("extends", None) or []
+    merged: dict = {}
+    for b in [bases] if isinstance(bases, str) else bases:
+        merged = deep_merge(merged, read_yaml_tree(path.parent / b, _seen + (path.resolve(),)))
+    return deep_merge(merged, data)
+
+
+def apply_overrides(data: dict, overrides: list[str]) -> dict:
+    """Apply dotted ``a.b.c=value`` overrides; values are parsed as YAML (``lr=1e-3``, ``x=[1,2]``)."""
+    data = copy.deepcopy(data)
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"override {item!r} is not of the form key.path=value")
+        try:
+            value = yaml.safe_load(raw) if raw.strip() else None
+        except yaml.YAMLError as e:
+            raise ConfigError(f"override {item!r}: value is not valid YAML: {e}") from None
+        node = data
+        parts = key.strip().split(".")
+        for p in parts[:-1]:
+            if not isinstance(node.get(p, {}), dict):
+                raise ConfigError(f"override {item!r}: {p!r} is not a section")
+            node = node.setdefault(p, {})
+        node[parts[-1]] = value
+    return data
+
+
+def format_validation_error(err: ValidationError, prefix: str = "") -> str:
+    lines = []
+    for e in err.errors():
+        loc = [f"[{p}]" if isinstance(p, int) else str(p) for p in e["loc"]]
+        path = ".".join(([prefix] if prefix else []) + loc).replace(".[", "[") or "(top level)"
+        msg = e["msg"].removeprefix("Value error, ")
+        if e["type"] == "missing":
+            msg = "required key is missing"
+        lines.append(f"{path}: {msg}")
+    return "invalid configuration:\n  " + "\n  ".join(lines)
+
+
+def validate(data: dict) -> RunConfig:
+    from .registry import strategy_params_class  # strategies import avalanche: only when needed
+
+    try:
+        cfg = RunConfig.model_validate(data)
+    except ValidationError as e:
+        raise ConfigError(format_validation_error(e)) from None
+    params_cls = strategy_params_class(cfg.strategy.name)
+    try:
+        cfg.strategy._params = params_cls.model_validate(cfg.strategy.model_dump())
+    except ValidationError as e:
+        raise ConfigError(format_validation_error(e, prefix="strategy")) from None
+    return cfg
+
+
+def load_config(path: str | Path, overrides: list[str] | None = None) -> list[RunConfig]:
+    """Load, merge and validate a config; one RunConfig per variant (or just one)."""
+    base = read_yaml_tree(path)
+    base.setdefault("name", Path(path).stem)
+    overrides = list(overrides or [])
+    variants = base.pop("variants", None)
+    if variants is None:
+        return [validate(apply_overrides(base, overrides))]
+    if not isinstance(variants, list) or not all(isinstance(v, dict) and "name" in v for v in variants):
+        raise ConfigError("variants: must be a list of mappings, each with a 'name'")
+    names = [str(v["name"]) for v in variants]
+    if len(set(names)) != len(names):
+        raise ConfigError(f"variants: names must be unique, got {names}")
+    out = []
+    for v in variants:
+        v = dict(v)
+        vname = str(v.pop("name"))
+        merged = deep_merge(base, v)
+        merged["name"] = f"{base['name']}/{vname}"
+        try:
+            out.append(validate(apply_overrides(merged, overrides)))
+        except ConfigError as e:
+            raise ConfigError(f"variant {vname!r}: {e}") from None
+    return out

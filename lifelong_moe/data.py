@@ -1,0 +1,66 @@
+"""Data contracts shared by streams, backbones and strategies.
+
+A *source* (torchvision dataset, ImageFolder, sklearn digits, tensors, the synthetic world) is
+turned into a :class:`ClassificationData`; a *stream* cuts one or more of them into experiences,
+each described by a :class:`TaskInfo`.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Sequence
+
+from torch.utils.data import Dataset
+
+
+@dataclass
+class ClassificationData:
+    """One labelled image dataset with a train and a test split.
+
+    ``train[i]`` / ``test[i]`` return ``(image, target)`` where ``image`` is a PIL image or a float
+    tensor ``[C, H, W]`` with values in ``[0, 1]`` (``C`` is 1 or 3) and ``target`` an int in
+    ``range(len(class_names))``. ``train_targets`` / ``test_targets`` list every target in order,
+    so streams can split by class without decoding images.
+    """
+
+    name: str
+    class_names: list[str]
+    train: Dataset
+    test: Dataset
+    train_targets: list[int]
+    test_targets: list[int]
+    templates: list[str] | None = None  # dataset-specific prompts, each with exactly one "{}"
+    meta: dict = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if len(self.train_targets) != len(self.train) or len(self.test_targets) != len(self.test):
+            raise ValueError(f"dataset {self.name!r}: targets and samples differ in length")
+        if not self.class_names:
+            raise ValueError(f"dataset {self.name!r}: no class names")
+
+
+@dataclass(frozen=True)
+class LabelSpace:
+    """The class names one head of the prompt classifier ranges over (a dataset's classes)."""
+
+    name: str
+    class_names: tuple[str, ...]
+    templates: tuple[str, ...] | None = None
+
+
+@dataclass(frozen=True)
+class TaskInfo:
+    """What an experience is about: its name, its label space and which of its classes it holds."""
+
+    index: int
+    name: str
+    label_space: LabelSpace
+    classes: tuple[int, ...]
+
+    @property
+    def class_names(self) -> list[str]:
+        return [self.label_space.class_names[c] for c in self.classes]
+
+
+def subset_indices(targets: Sequence[int], classes: Sequence[int]) -> list[int]:
+    wanted = set(int(c) for c in classes)
+    return [i for i, t in enumerate(targets) if int(t) in wanted]

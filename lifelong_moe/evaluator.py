@@ -1,0 +1,39 @@
+"""Evaluation: one row of the accuracy matrix = a strategy scored on every test experience.
+
+``Evaluator.score`` is the unit a new task family replaces: classification scores argmax accuracy
+over the classes in play; a VQA stream will score answer match, an edit stream edit success, and
+the runner, matrix and metrics stay the same.
+"""
+from __future__ import annotations
+
+import torch
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+
+from .config import EvaluationConfig
+from .streams.builder import Stream, eval_classes
+
+
+class ClassificationEvaluator:
+    metric_kind = "accuracy"
+
+    def __init__(self, stream: Stream, cfg: EvaluationConfig, progress: bool = True):
+        self.stream, self.cfg, self.progress = stream, cfg, progress
+
+    def score(self, strategy, row: int, col: int) -> float:
+        """Top-1 accuracy on test set ``col`` after experience ``row`` (-1: before training)."""
+        tasks = self.stream.tasks
+        task = tasks[col]
+        classes = eval_classes(tasks, row, col, self.cfg.label_space)
+        lut = strategy.target_lookup(task, classes)
+        loader = DataLoader(self.stream.test_stream[col].dataset, batch_size=self.cfg.batch_size, shuffle=False)
+        correct = total = 0
+        for x, y, *_ in tqdm(loader, desc=f"eval {task.name}", leave=False, disable=not self.progress):
+            pred = strategy.eval_logits(x, task, classes).argmax(dim=-1).cpu()
+            correct += int((pred == lut[y]).sum())
+            total += len(y)
+        return correct / max(1, total)
+
+    @torch.no_grad()
+    def row(self, strategy, row: int) -> list[float]:
+        return [self.score(strategy, row, j) for j in range(len(self.stream.tasks))]

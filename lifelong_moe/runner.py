@@ -1,0 +1,100 @@
+"""The run loop: config -> stream -> backbone + strategy -> evaluator (matrix) -> results dir.
+
+Everything that can fail on bad input (config, data, weights) fails before the output directory is
+touched. After the zero-shot row and after every experience, the run directory is brought to a
+consistent state (checkpoint, results.json, matrix.csv, log.jsonl, each written atomically), so a
+killed run resumes from its last completed experience with ``resume=True``.
+"""
+from __future__ import annotations
+
+import random
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from . import results as R
+from .clip import ClipClassifier
+from .config import RunConfig
+from .errors import UserError
+from .evaluator import ClassificationEvaluator
+from .registry import strategy_class
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def output_dir(cfg: RunConfig, override: str | Path | None = None) -> Path:
+    return Path(override) if override else Path(cfg.output.dir.format(name=cfg.name))
+
+
+def build(cfg: RunConfig, progress: bool = True):
+    """Backbone, stream, strategy, evaluator; raises UserError on bad input, writes nothing."""
+    from .streams.builder import build_stream
+    from .streams.transforms import ImageTransform
+
+    seed_everything(cfg.seed)
+    model = ClipClassifier.from_config(cfg.backbone.name, cfg.backbone.pretrained, cfg.backbone.cache_text_features)
+    try:
+        stream = build_stream(cfg.stream, ImageTransform(model.image_size, model.mean.flatten().tolist(),
+                                                         model.std.flatten().tolist()), cfg.seed)
+    except (ValueError, FileNotFoundError) as e:
+        raise UserError(f"stream: {e}") from None
+    if cfg.training.lr_per_experience and len(cfg.training.lr_per_experience) != len(stream.tasks):
+        raise UserError(f"training.lr_per_experience has {len(cfg.training.lr_per_experience)} values "
+                        f"for {len(stream.tasks)} experiences")
+    seed_everything(cfg.seed)
+    strategy = strategy_class(cfg.strategy.name)(model, cfg, cfg.strategy_params(), stream.tasks, progress=progress)
+    strategy.train_datasets = [e.dataset for e in stream.train_stream]
+    return stream, strategy, ClassificationEvaluator(stream, cfg.evaluation, progress)
+
+
+def run(cfg: RunConfig, out: str | Path | None = None, *, resume: bool = False, overwrite: bool = False,
+        stop_after: int | None = None, progress: bool = True, log=print) -> Path:
+    """Run (or resume) one configuration; return the results directory."""
+    out = output_dir(cfg, out)
+    run_dir = R.RunDir(out)
+    state = run_dir.check_start(cfg, resume=resume, overwrite=overwrite)  # raises before any write
+    t0 = time.perf_counter()
+    stream, strategy, evaluator = build(cfg, progress)
+    timings = state.get("timings") or {"setup_s": 0.0, "zero_shot_eval_s": None, "experiences": []}
+    timings["setup_s"] = round(time.perf_counter() - t0, 3)
+    done = len(state.get("matrix") or [])
+    record = R.new_record(cfg, stream, evaluator.metric_kind, strategy.parameter_counts()) if not resume \
+        else state
+    record["timings"] = timings
+    if not resume:
+        run_dir.start(cfg, record)
+    elif done:
+        strategy.load_state_dict(run_dir.load_checkpoint(done - 1))
+        log(f"resuming {out} after experience {done}/{len(stream.tasks)}")
+    if record.get("zero_shot") is None and cfg.evaluation.zero_shot_row:
+        t = time.perf_counter()
+        record["zero_shot"] = evaluator.row(strategy, -1)
+        timings["zero_shot_eval_s"] = round(time.perf_counter() - t, 3)
+        run_dir.save_progress(record, strategy, step_log=[])
+        log(f"[{cfg.name}] zero-shot: " + " ".join(f"{a:.3f}" for a in record["zero_shot"]))
+    for i in range(done, len(stream.tasks)):
+        seed_everything(cfg.seed + i)
+        t = time.perf_counter()
+        if strategy.trains:
+            strategy.train(stream.train_stream[i], eval_streams=[], num_workers=cfg.training.num_workers)
+        train_s = time.perf_counter() - t
+        t = time.perf_counter()
+        row = evaluator.row(strategy, i)
+        timings["experiences"].append({"train_s": round(train_s, 3), "eval_s": round(time.perf_counter() - t, 3)})
+        record["matrix"].append(row)
+        log(f"[{cfg.name}] after {i + 1}/{len(stream.tasks)} ({stream.tasks[i].name}): "
+            + " ".join(f"{a:.3f}" for a in row))
+        step_log = [s for s in strategy.step_log if s["experience"] == i]
+        run_dir.save_progress(record, strategy, step_log=step_log, checkpoint_index=i,
+                              extra=strategy.extra_results())
+        if stop_after is not None and i + 1 >= stop_after and i + 1 < len(stream.tasks):
+            log(f"[{cfg.name}] stopped after experience {i + 1} as asked; continue with --resume")
+            return out
+    run_dir.finish(record, strategy.extra_results())
+    return out

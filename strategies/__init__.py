@@ -1,0 +1,1 @@
+"""Continual-learning strategies: one file per method or baseline."""

@@ -1,0 +1,41 @@
+"""LoRA (Hu et al., 2022) on both CLIP towers through peft, trained sequentially.
+
+``W x + (alpha / r) B A x`` with ``B = 0`` at start, injected by module-name targeting
+(``peft.inject_adapter_in_model``). Note: LoRA on ``attn.out_proj`` of open_clip's
+``nn.MultiheadAttention`` is a silent no-op (the module's forward reads the weight directly), so the
+attention target is the whole ``attn`` module, which peft wraps as a unit.
+"""
+from typing import Literal
+
+from .base import ClipStrategy, StrategyParams
+
+TOWER_PREFIX = {"image": r"visual\.transformer", "text": r"transformer"}
+
+
+class Params(StrategyParams):
+    name: Literal["lora"] = "lora"
+    r: int = 8
+    alpha: float = 16.0
+    dropout: float = 0.0
+    towers: list[Literal["image", "text"]] = ["image", "text"]
+    targets: list[Literal["c_fc", "c_proj", "attn"]] = ["c_fc", "c_proj", "attn"]
+
+
+def target_regex(towers, targets) -> str:
+    mods = "|".join(("mlp." + t) if t != "attn" else "attn" for t in targets).replace(".", r"\.")
+    return rf"^({'|'.join(TOWER_PREFIX[t] for t in towers)})\.resblocks\.\d+\.({mods})$"
+
+
+class Strategy(ClipStrategy):
+    Params = Params
+
+    def setup(self, model) -> None:
+        from peft import LoraConfig, inject_adapter_in_model
+
+        p = self.params
+        cfg = LoraConfig(r=p.r, lora_alpha=p.alpha, lora_dropout=p.dropout,
+                         target_modules=target_regex(p.towers, p.targets))
+        inject_adapter_in_model(cfg, model.clip)
+        for n, param in model.clip.named_parameters():
+            param.requires_grad_("lora_" in n)
+        model.clear_text_cache()

@@ -1,0 +1,1 @@
+"""Continual streams (Avalanche benchmarks) and the data sources they are built from."""
