@@ -1,0 +1,325 @@
+"""Compare saved runs: forgetting curves, average-accuracy curves, heatmaps and a metrics table.
+
+Reads only ``results.json`` (schema_version 1, see docs/results.md): the stored ``metrics`` are
+shown as saved, and the small per-step curve is recomputed here, so this module needs neither
+torch nor ``lifelong_moe.metrics``. Figures use the object-oriented matplotlib API (no pyplot, so
+no global backend state); PNGs are rendered by Agg. Every file is written atomically.
+"""
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from matplotlib import colormaps
+from matplotlib.colors import to_rgba
+from matplotlib.figure import Figure
+from matplotlib.ticker import PercentFormatter
+
+from .errors import UserError
+from .io import atomic_path, write_text
+
+SCHEMA_VERSIONS = (1,)
+MARKERS = "osD^vPX*<>"
+MAX_COLS = 4  # panels per row in the forgetting-curve grid
+
+
+class RunFormatError(UserError, ValueError):
+    """results.json is malformed or has an unknown schema_version (a ValueError the CLI prints)."""
+
+
+@dataclass
+class RunResult:
+    path: Path
+    label: str
+    strategy: str
+    tasks: list[str]
+    zero_shot: np.ndarray | None  # (T,) fractions, NaN where not evaluated
+    matrix: np.ndarray  # (k, T) completed rows, NaN for null
+    metrics: dict[str, float | None] = field(default_factory=dict)
+    definitions: dict[str, str] = field(default_factory=dict)
+    status: str = "complete"
+    metric_kind: str = "accuracy"
+
+    @property
+    def num_tasks(self) -> int:
+        return len(self.tasks)
+
+    @property
+    def rows(self) -> int:
+        return self.matrix.shape[0]
+
+    @property
+    def percent(self) -> bool:
+        """Whether the matrix holds fractions in [0, 1] shown as percent (accuracy-like)."""
+        return "acc" in self.metric_kind.lower()
+
+    def curve(self) -> np.ndarray:
+        """Average accuracy over seen tasks after each completed experience: mean_{j<=t} A[t, j]."""
+        out = []
+        for t, row in enumerate(self.matrix):
+            seen = row[: t + 1][~np.isnan(row[: t + 1])]
+            out.append(float(seen.mean()) if seen.size else math.nan)
+        return np.asarray(out, dtype=float)
+
+
+def _floats(values, what: str, rj: Path) -> np.ndarray:
+    try:
+        return np.asarray([math.nan if v is None else float(v) for v in values], dtype=float)
+    except (TypeError, ValueError) as e:
+        raise RunFormatError(f"{rj}: '{what}' must hold numbers or null ({e})") from None
+
+
+def load_run(path: str | Path, label: str | None = None) -> RunResult:
+    """Read ``path/results.json`` into a :class:`RunResult` (``path`` may also be the file)."""
+    path = Path(path)
+    rj = path if path.name == "results.json" else path / "results.json"
+    run_dir = rj.parent
+    if not rj.is_file():
+        raise FileNotFoundError(f"no results.json in {run_dir} (expected {rj}); is this a run directory?")
+    try:
+        rec = json.loads(rj.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise RunFormatError(f"{rj} is not valid JSON: {e}") from None
+    if not isinstance(rec, dict):
+        raise RunFormatError(f"{rj}: expected a JSON object at the top level")
+    if rec.get("schema_version") not in SCHEMA_VERSIONS:
+        raise RunFormatError(f"{rj} has schema_version {rec.get('schema_version')!r}; this version "
+                             f"reads {', '.join(map(str, SCHEMA_VERSIONS))}")
+    tasks = rec.get("tasks")
+    if not isinstance(tasks, list) or not tasks:
+        raise RunFormatError(f"{rj}: 'tasks' must be a non-empty list")
+    names = [str(t.get("name", f"task {i}")) if isinstance(t, dict) else str(t) for i, t in enumerate(tasks)]
+    T = len(names)
+    rows = rec.get("matrix") or []
+    if not isinstance(rows, list) or len(rows) > T or any(not isinstance(r, list) or len(r) != T for r in rows):
+        raise RunFormatError(f"{rj}: 'matrix' must be a list of at most {T} rows of {T} entries")
+    matrix = np.stack([_floats(r, "matrix", rj) for r in rows]) if rows else np.empty((0, T))
+    zs = rec.get("zero_shot")
+    if zs is not None and (not isinstance(zs, list) or len(zs) != T):
+        raise RunFormatError(f"{rj}: 'zero_shot' must be null or a list of {T} entries")
+    metrics, definitions = {}, {}
+    for name, m in (rec.get("metrics") or {}).items():
+        m = m if isinstance(m, dict) else {"value": m}
+        v = m.get("value")
+        metrics[name] = float(v) if isinstance(v, (int, float)) and math.isfinite(v) else None
+        if m.get("definition"):
+            definitions[name] = str(m["definition"])
+    return RunResult(path=run_dir, label=label or str(rec.get("name") or run_dir.resolve().name),
+                     strategy=str(rec.get("strategy", "")), tasks=names,
+                     zero_shot=None if zs is None else _floats(zs, "zero_shot", rj), matrix=matrix,
+                     metrics=metrics, definitions=definitions, status=str(rec.get("status", "")),
+                     metric_kind=str(rec.get("metric_kind") or "accuracy"))
+
+
+def _disambiguate(runs: list[RunResult]) -> list[RunResult]:
+    """Make labels unique (in place): a repeated label gets its parent directory name, then a counter."""
+    for step in (lambda r, i: f"{r.label} ({r.path.resolve().parent.name})", lambda r, i: f"{r.label} #{i + 1}"):
+        labels = [r.label for r in runs]
+        for lab in {lab for lab in labels if labels.count(lab) > 1}:
+            for i, r in enumerate([r for r in runs if r.label == lab]):
+                r.label = step(r, i)
+    return runs
+
+
+def load_runs(run_dirs, labels=None) -> list[RunResult]:
+    run_dirs = list(run_dirs)
+    if labels is not None and len(labels) != len(run_dirs):
+        raise ValueError(f"got {len(labels)} labels for {len(run_dirs)} runs")
+    return _disambiguate([load_run(d, None if labels is None else labels[i]) for i, d in enumerate(run_dirs)])
+
+
+# ----------------------------------------------------------------------------------------- tables
+def _fmt(v: float | None, percent: bool) -> str | None:
+    if v is None or not math.isfinite(v):
+        return None
+    return f"{100 * v:.2f}" if percent else f"{v:.4f}"
+
+
+def _table(runs: list[RunResult]) -> tuple[list[str], list[list[str | None]]]:
+    keys = list(dict.fromkeys(k for r in runs for k in r.metrics))
+    header = ["run", "strategy", "status", "trained"] + keys
+    rows = [[r.label, r.strategy, r.status, f"{r.rows}/{r.num_tasks}"]
+            + [_fmt(r.metrics.get(k), r.percent) for k in keys] for r in runs]
+    return header, rows
+
+
+def format_metrics_table(runs: list[RunResult]) -> str:
+    """A markdown table, one row per run, one column per metric (percent, 2 decimals; – if null)."""
+    header, rows = _table(_disambiguate(list(runs)))
+
+    def line(cells):
+        return "| " + " | ".join("–" if c is None else str(c).replace("|", "\\|") for c in cells) + " |"
+
+    sep = "|" + "|".join("---" if i < 4 else "---:" for i in range(len(header))) + "|"
+    return "\n".join([line(header), sep] + [line(r) for r in rows])
+
+
+def _metrics_markdown(runs: list[RunResult]) -> str:
+    units = {"percent" if r.percent else "raw" for r in runs}
+    note = ("Values in percent (differences such as forgetting/bwt/fwt in percentage points)"
+            if units == {"percent"} else "Accuracy-like runs in percent, others as raw values")
+    defs = {}
+    for r in runs:
+        for k, d in r.definitions.items():
+            defs.setdefault(k, d)
+    out = ["# Metrics", "", format_metrics_table(runs), "", f"{note}; – = undefined or not computed.", "",
+           "## Definitions", ""]
+    out += [f"- `{k}`: {defs.get(k, '(no definition saved)')}" for k in _table(runs)[0][4:]]
+    out += ["", "## Runs", ""] + [f"- **{r.label}**: `{r.path}` ({r.metric_kind})" for r in runs]
+    return "\n".join(out) + "\n"
+
+
+def _metrics_csv(runs: list[RunResult]) -> str:
+    header, rows = _table(runs)
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow(header)
+    w.writerows([["" if c is None else c for c in r] for r in rows])
+    return buf.getvalue()
+
+
+# ---------------------------------------------------------------------------------------- figures
+def _short(name: str, n: int = 16) -> str:
+    return name if len(name) <= n else name[: n - 1] + "…"
+
+
+def _save(fig: Figure, path: Path) -> Path:
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=130)
+    return path
+
+
+def _xticks(ax, tasks: list[str], zero_shot: bool = True) -> None:
+    T = len(tasks)
+    ticks = list(range(0 if zero_shot else 1, T + 1))
+    labels = (["zero-shot"] if zero_shot else []) + [f"{i + 1}:{_short(t, 12)}" for i, t in enumerate(tasks)]
+    long = T > 3 or max(len(s) for s in labels) > 8
+    ax.set_xticks(ticks, labels, rotation=45 if long else 0, ha="right" if long else "center",
+                  rotation_mode="anchor", fontsize=8)
+
+
+def _forgetting_curves(runs, tasks, colors, path) -> Path:
+    T = len(tasks)
+    ncols = min(MAX_COLS, T)
+    nrows = math.ceil(T / ncols)
+    fig = Figure(figsize=((3.4 + 0.12 * max(0, T - 6)) * ncols + 0.6, 2.9 * nrows + 1.0), layout="constrained")
+    axes = fig.subplots(nrows, ncols, sharex=True, sharey=True, squeeze=False).ravel()
+    for j, ax in enumerate(axes):
+        if j >= T:
+            ax.set_visible(False)
+            continue
+        ax.axvspan(j + 0.5, j + 1.5, color="0.85", zorder=0, label="task trained")
+        for r, c, m in zip(runs, colors, MARKERS * len(runs)):
+            x, y = np.arange(1, r.rows + 1), r.matrix[:, j]
+            if r.zero_shot is not None:
+                x, y = np.r_[0, x], np.r_[r.zero_shot[j], y]
+            ok = ~np.isnan(y)
+            ax.plot(x[ok], y[ok], color=c, marker=m, ms=4.5, lw=1.6, label=r.label)
+        ax.set_title(_short(tasks[j], 32), fontsize=10)
+        ax.set_ylim(-0.02, 1.02)
+        ax.yaxis.set_major_formatter(PercentFormatter(1.0, decimals=0))
+        ax.tick_params(labelsize=8)
+        ax.grid(alpha=0.3)
+        ax.set_xlim(-0.4, T + 0.4)
+        if j % ncols == 0:
+            ax.set_ylabel("accuracy on this task", fontsize=9)
+        if j + ncols >= T:  # bottom panel of its column
+            _xticks(ax, tasks)
+            ax.xaxis.set_tick_params(labelbottom=True)
+    fig.supxlabel("after training experience", fontsize=10)
+    handles, labels = axes[0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="outside upper center", ncols=min(len(labels), 4), fontsize=9,
+               frameon=False)
+    return _save(fig, path)
+
+
+def _average_accuracy(runs, tasks, colors, path) -> Path:
+    T = len(tasks)
+    fig = Figure(figsize=(max(6.0, 0.7 * T + 3.0), 4.6), layout="constrained")
+    ax = fig.subplots()
+    for r, c, m in zip(runs, colors, MARKERS * len(runs)):
+        y = r.curve()
+        x = np.arange(1, len(y) + 1)
+        ok = ~np.isnan(y)
+        ax.plot(x[ok], y[ok], color=c, marker=m, ms=5, lw=1.8, label=r.label)
+    _xticks(ax, tasks, zero_shot=False)
+    ax.set_xlim(0.6, T + 0.4)
+    ax.set_ylim(-0.02, 1.02)
+    ax.yaxis.set_major_formatter(PercentFormatter(1.0, decimals=0))
+    ax.tick_params(axis="y", labelsize=9)
+    ax.grid(alpha=0.3)
+    ax.set_xlabel("after training experience", fontsize=10)
+    ax.set_ylabel("average accuracy over seen tasks", fontsize=10)
+    ax.set_title("Average accuracy over seen tasks  $A_t = \\mathrm{mean}_{j\\leq t}\\, A[t, j]$", fontsize=11)
+    ax.legend(fontsize=9, loc="best")
+    return _save(fig, path)
+
+
+def _heatmaps(runs, tasks, path) -> Path:
+    T, n = len(tasks), len(runs)
+    ncols = min(n, 3 if T <= 5 else 2)
+    nrows = math.ceil(n / ncols)
+    cell = 0.62 if T <= 6 else 0.5
+    fig = Figure(figsize=(ncols * (cell * T + 2.2) + 1.0, nrows * (cell * (T + 1) + 2.2)), layout="constrained")
+    axes = fig.subplots(nrows, ncols, squeeze=False).ravel()
+    fs = 8 if T <= 6 else 7 if T <= 9 else 6
+    cmap = colormaps["viridis"].with_extremes(bad=to_rgba("0.93"))
+    im = None
+    zs = any(r.zero_shot is not None for r in runs)  # same rows in every panel
+    for ax, r in zip(axes, runs):
+        M = np.full((T + zs, T), np.nan)
+        if r.zero_shot is not None:
+            M[0] = r.zero_shot
+        M[zs: zs + r.rows] = r.matrix
+        done = np.zeros_like(M, dtype=bool)  # rows that exist in results.json: NaN there = not evaluated
+        done[zs: zs + r.rows] = True
+        done[0] |= r.zero_shot is not None
+        im = ax.imshow(np.ma.masked_invalid(M), cmap=cmap, vmin=0, vmax=1, aspect="auto")
+        for (i, j), v in np.ndenumerate(M):
+            if not np.isnan(v) or done[i, j]:
+                ax.text(j, i, "–" if np.isnan(v) else f"{100 * v:.0f}" if T > 8 else f"{100 * v:.1f}",
+                        ha="center", va="center", fontsize=fs, color="white" if v < 0.55 else "black")
+        ylabels = (["zero-shot"] if zs else []) + [f"after {i + 1}:{_short(t, 12)}" for i, t in enumerate(tasks)]
+        ax.set_yticks(range(len(ylabels)), ylabels, fontsize=fs + 1)
+        ax.set_xticks(range(T), [_short(t, 12) for t in tasks], rotation=45, ha="right",
+                      rotation_mode="anchor", fontsize=fs + 1)
+        if zs:
+            ax.axhline(0.5, color="white", lw=2)
+        ax.set_title(r.label + ("" if r.rows == T else f"  ({r.rows}/{T} trained)"), fontsize=10)
+        ax.set_xlabel("test task", fontsize=9)
+    for ax in axes[n:]:
+        ax.set_visible(False)
+    cb = fig.colorbar(im, ax=axes[:n].tolist(), shrink=0.8, format=PercentFormatter(1.0, decimals=0))
+    cb.set_label("accuracy", fontsize=9)
+    return _save(fig, path)
+
+
+def compare_runs(run_dirs, out_dir, *, labels=None) -> dict[str, Path]:
+    """Write forgetting_curves.png, average_accuracy.png, heatmaps.png, metrics.md and metrics.csv
+    into ``out_dir`` (created) for the runs in ``run_dirs``; return ``{file name: path}``."""
+    runs = load_runs(run_dirs, labels)
+    if not runs:
+        raise ValueError("compare_runs: no run directories given")
+    T = {r.num_tasks for r in runs}
+    if len(T) != 1:
+        raise RunFormatError("runs with different numbers of tasks cannot be plotted together: "
+                             + ", ".join(f"{r.path} ({r.num_tasks})" for r in runs))
+    tasks = runs[0].tasks
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    cmap = colormaps["tab10" if len(runs) <= 10 else "tab20"]
+    colors = [cmap(i % cmap.N) for i in range(len(runs))]
+    paths = {
+        "forgetting_curves.png": _forgetting_curves(runs, tasks, colors, out / "forgetting_curves.png"),
+        "average_accuracy.png": _average_accuracy(runs, tasks, colors, out / "average_accuracy.png"),
+        "heatmaps.png": _heatmaps(runs, tasks, out / "heatmaps.png"),
+    }
+    for name, text in (("metrics.md", _metrics_markdown(runs)), ("metrics.csv", _metrics_csv(runs))):
+        write_text(out / name, text)
+        paths[name] = out / name
+    return paths
