@@ -143,7 +143,7 @@ class ClipClassifier(nn.Module):
             feats = self.encode_prompts(prompts).view(len(head.class_names), len(head.templates), -1)
             feats = F.normalize(feats.mean(dim=1), dim=-1)
         if cacheable:
-            self._text_cache[head.key] = feats.detach()
+            feats = self._text_cache[head.key] = feats.detach()
         return feats
 
     def train(self, mode: bool = True) -> "ClipClassifier":

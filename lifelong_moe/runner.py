@@ -48,7 +48,8 @@ def build(cfg: RunConfig, progress: bool = True):
         raise UserError(f"training.lr_per_experience has {len(cfg.training.lr_per_experience)} values "
                         f"for {len(stream.tasks)} experiences")
     seed_everything(cfg.seed)
-    strategy = strategy_class(cfg.strategy.name)(model, cfg, cfg.strategy_params(), stream.tasks, progress=progress)
+    strategy = strategy_class(cfg.strategy.name)(model=model, cfg=cfg, params=cfg.strategy_params(),
+                                                 tasks=stream.tasks, progress=progress)
     strategy.train_datasets = [e.dataset for e in stream.train_stream]
     return stream, strategy, ClassificationEvaluator(stream, cfg.evaluation, progress)
 

@@ -5,6 +5,7 @@ and add side effects as plugins."""
 from __future__ import annotations
 
 import math
+import warnings
 from typing import Iterable
 
 import torch
@@ -42,7 +43,7 @@ class ClipStrategy(SupervisedTemplate):
     Params = StrategyParams
     trains = True  # False: evaluation only (zero-shot)
 
-    def __init__(self, model: ClipClassifier, cfg: RunConfig, params: StrategyParams,
+    def __init__(self, *, model: ClipClassifier, cfg: RunConfig, params: StrategyParams,
                  tasks: list[TaskInfo], device: str = "cpu", progress: bool = True):
         self.cfg, self.params, self.tasks, self.progress = cfg, params, tasks, progress
         self.train_datasets: list = []  # set by the runner: every experience's train set (replay)
@@ -57,9 +58,11 @@ class ClipStrategy(SupervisedTemplate):
         self.setup(model)
         self.state_names = [n for n, p in model.named_parameters() if p.requires_grad or id(p) not in original]
         placeholder = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.0)
-        super().__init__(model=model, optimizer=placeholder, train_mb_size=cfg.training.batch_size,
-                         train_epochs=cfg.training.epochs, eval_mb_size=cfg.evaluation.batch_size,
-                         device=device, plugins=list(self.make_plugins()), evaluator=None, eval_every=-1)
+        with warnings.catch_warnings():  # our evaluator scores the matrix; Avalanche's has no loggers
+            warnings.filterwarnings("ignore", message="No loggers specified")
+            super().__init__(model=model, optimizer=placeholder, train_mb_size=cfg.training.batch_size,
+                             train_epochs=cfg.training.epochs, eval_mb_size=cfg.evaluation.batch_size,
+                             device=device, plugins=list(self.make_plugins()), evaluator=None, eval_every=-1)
 
     # ---------------------------------------------------------------- method hooks
     def setup(self, model: ClipClassifier) -> None:
@@ -170,10 +173,10 @@ class ClipStrategy(SupervisedTemplate):
         self._steps_in_exp += 1
         if self._steps_in_exp % self.cfg.training.log_every == 0 or self._steps_in_exp == self._budget:
             self.step_log.append({"experience": self.experience_index, "step": self._steps_in_exp,
-                                  "loss": round(float(self.loss), 6), "lr": lr})
+                                  "loss": round(self.loss.item(), 6), "lr": lr})
         if self._bar is not None:
             self._bar.update(1)
-            self._bar.set_postfix(loss=f"{float(self.loss):.3f}")
+            self._bar.set_postfix(loss=f"{self.loss.item():.3f}")
         if self._steps_in_exp >= self._budget:
             self.stop_training()
 
