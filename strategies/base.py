@@ -35,7 +35,7 @@ class StatefulPlugin:
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
         pass
 
-    def after_load(self, strategy: "ClipStrategy") -> None:
+    def restore(self, strategy: "ClipStrategy") -> None:
         """Called after a checkpoint was loaded into ``strategy`` (resume)."""
 
 
@@ -219,7 +219,7 @@ class ClipStrategy(SupervisedTemplate):
         self.model.clear_text_cache()
         for p in self.plugins:
             if isinstance(p, StatefulPlugin):
-                p.after_load(self)
+                p.restore(self)
 
     def parameter_counts(self) -> dict[str, int]:
         ps = list(self.model.parameters())

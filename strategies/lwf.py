@@ -48,7 +48,7 @@ class LwFPlugin(SupervisedPlugin, StatefulPlugin):
     def after_training_exp(self, strategy, **kwargs):
         self.snapshot(strategy)
 
-    def after_load(self, strategy) -> None:
+    def restore(self, strategy) -> None:
         # The teacher is the model as it stood after the last completed experience: the checkpoint.
         self.snapshot(strategy)
 
