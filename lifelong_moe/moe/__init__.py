@@ -1,0 +1,16 @@
+"""Shared mixture-of-experts modules: stacked expert pools, routers and CLIP block injection.
+
+Implemented now: MoE-Adapters (Yu et al., CVPR 2024) -- bottleneck experts, per-task noisy top-k
+routers, per-sample routing on the first (or EOT) token, bit-exact expert freezing and bypass.
+The base classes (``StackedExperts``, ``Router``, ``Routing``) are meant for CL-MoE's LoRA experts
+and instance/task routers and LiveEdit's soft-routed low-rank experts as well.
+"""
+from .experts import BottleneckExperts, StackedExperts
+from .inject import MoEAdapter, MoEAdapters, MoEResidualAttentionBlock, inject_moe_adapters
+from .routers import NoisyTopKRouter, Router, Routing, cv_squared
+
+__all__ = [
+    "BottleneckExperts", "StackedExperts",
+    "NoisyTopKRouter", "Router", "Routing", "cv_squared",
+    "MoEAdapter", "MoEAdapters", "MoEResidualAttentionBlock", "inject_moe_adapters",
+]
