@@ -14,6 +14,7 @@ STRATEGIES = {
     "lwf": "lwf",
     "ewc": "ewc",
     "replay": "replay",
+    "moe_adapters": "moe_adapters",
 }
 
 STREAM_KINDS = ["class_incremental", "multi_domain"]

@@ -86,6 +86,8 @@ class NoisyTopKRouter(Router):
     ``past_gate`` / ``past_noise`` [T-1, D, E], so earlier routers are frozen bit-exactly and stay
     usable. ``task`` may be an int or a per-sample LongTensor [B] of task ids (>= 0).
 
+    ``use_noise=False`` switches the noise term off in training as well (it is always off in eval).
+
     ``last_aux_loss`` (training only, if ``aux_loss``) = CV^2(importance) + CV^2(load), with
     importance = sum_b g_b and load = sum_b P(expert in top-k) (Shazeer Eq. 6-10, smooth load; the
     count of non-zero gates when there is no noise or k = E). Unweighted and never added to a loss
@@ -93,11 +95,12 @@ class NoisyTopKRouter(Router):
     """
 
     def __init__(self, d_model: int, num_experts: int, k: int = 2, noise_epsilon: float = 0.01,
-                 aux_loss: bool = True):
+                 aux_loss: bool = True, use_noise: bool = True):
         super().__init__(num_experts)
         if not 1 <= k <= num_experts:
             raise ValueError(f"k must be in [1, num_experts={num_experts}], got {k}")
         self.d_model, self.k, self.noise_epsilon, self.aux_loss = d_model, k, noise_epsilon, aux_loss
+        self.use_noise = use_noise  # False: noise-free gating in training too
         self.register_parameter("gate", None)
         self.register_parameter("noise", None)
         self.register_buffer("past_gate", torch.zeros(0, d_model, num_experts))
@@ -151,7 +154,7 @@ class NoisyTopKRouter(Router):
         clean = self._project(c, task, self.gate, self.past_gate)
         if self._masked:
             clean = clean + self.logit_mask[task]
-        noisy = self.training
+        noisy = self.training and self.use_noise
         if noisy:
             std = F.softplus(self._project(c, task, self.noise, self.past_noise)) + self.noise_epsilon
             logits = clean + torch.randn_like(clean) * std
