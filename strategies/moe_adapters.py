@@ -437,8 +437,8 @@ def reference_parameter_count(name: str = "ViT-B-16", num_tasks: int = 11, ae_in
 
     register_model_configs()
     p = Params(**params)
-    with torch.device("meta"):
-        model = open_clip.create_model(name, pretrained=None)
+    with torch.device("meta"):  # shapes only: no memory, no init cost
+        model = open_clip.create_model(name, pretrained=None, device="meta")
         handle = inject_moe_adapters(model, towers=p.towers, num_experts=p.num_experts, k=p.top_k,
                                      bottleneck=p.bottleneck)
     counts = moe_parameter_counts(handle, num_tasks)
