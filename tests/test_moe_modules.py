@@ -338,3 +338,39 @@ def test_state_dict_roundtrip_and_grow(clip_pair, base_clip):
     assert torch.equal(out[0], ref[0]) and torch.equal(out[1], ref[1])
     h2.remove()
     assert torch.equal(fresh.encode_image(x), plain.encode_image(x))
+
+
+def test_noise_switch_off_makes_training_gates_deterministic():
+    torch.manual_seed(0)
+    r, c = make_router(), torch.randn(32, 16)
+    r.train()
+    r.use_noise = False
+    a, b = r(c, 0), r(c, 0)
+    assert torch.equal(a.indices, b.indices) and torch.equal(a.weights, b.weights)
+    v, i = (c @ r.gate).topk(2, dim=1)
+    assert torch.equal(a.indices, i) and int(r.usage.sum()) == 2 * 2 * 32  # still counted in training
+
+
+def test_no_grad_dispatch_by_combination_matches_naive():
+    torch.manual_seed(0)
+    ex = BottleneckExperts(12, 5, bottleneck=4, dropout=0.0)
+    with torch.no_grad():
+        for n in ("down_weight", "down_bias", "up_weight", "up_bias"):
+            getattr(ex, n).normal_()
+    h = torch.randn(16, 3, 12)
+    pairs = torch.tensor([[1, 3], [3, 1], [0, 4]])  # order matters: [1, 3] and [3, 1] are two groups
+    idx, w = pairs[torch.arange(16) % 3], F.softmax(torch.randn(16, 2), 1)
+    ref = naive_mixture(ex, h, Routing(idx, w).dense(5))
+    calls = []
+    orig = ex._forward_by_combination
+    ex._forward_by_combination = lambda *a: calls.append(1) or orig(*a)
+    with torch.no_grad():
+        assert torch.allclose(ex(h, idx, w), ref, atol=1e-5)
+        out = torch.randn(16, 3, 12)
+        assert torch.allclose(ex(h, idx, w, out=out.clone()), out + ref, atol=1e-5)
+        assert torch.allclose(ex(h[:4], idx[:4], w[:4]), ref[:4], atol=1e-5)  # too small: per-sample path
+    assert len(calls) == 2
+    ex.group_min = 0
+    with torch.no_grad():
+        ex(h, idx, w)
+    assert len(calls) == 2

@@ -136,6 +136,9 @@ class BottleneckExperts(StackedExperts):
                                        "up_weight": (bottleneck, d_model), "up_bias": (d_model,)})
         self.scale = scale
         self.drop = nn.Dropout(dropout)
+        # no-grad forwards group samples by expert combination when a batch holds at least this
+        # many samples per combination on average (0: always per-sample gathered weights)
+        self.group_min = 4
 
     def reset_expert(self, i: int) -> None:
         nn.init.kaiming_uniform_(self.down_weight.data[i], a=math.sqrt(5))
@@ -153,6 +156,10 @@ class BottleneckExperts(StackedExperts):
         k, r = indices.shape[1], self.bottleneck
         flat = indices.reshape(-1)
         sw = (weights * self.scale).to(h.dtype)  # fold s into the gates: s*sum g(...) = sum (s g)(...)
+        if self.group_min and not torch.is_grad_enabled() and B >= 2 * self.group_min:
+            combos, inv = torch.unique(indices, dim=0, return_inverse=True)
+            if combos.shape[0] * self.group_min <= B:
+                return self._forward_by_combination(h, combos, inv, sw, out)
         w_down = self.effective("down_weight").index_select(0, flat).view(B, k * r, D)
         b_down = self.effective("down_bias").index_select(0, flat).view(B, 1, k * r)
         z = self.drop(F.relu(torch.baddbmm(b_down, h, w_down.transpose(1, 2))))  # [B, L, k*r]
@@ -162,6 +169,30 @@ class BottleneckExperts(StackedExperts):
         if out is None:
             return torch.baddbmm(b_up, z, w_up)
         return out.baddbmm_(z, w_up).add_(b_up)
+
+    def _forward_by_combination(self, h, combos, inv, sw, out):
+        """Inference path: samples that selected the same experts (in the same order) share one
+        GEMM pair with the combination's weights instead of per-sample gathered weights; routing on
+        CLS/SOT usually concentrates a batch on a few combinations (one in the text tower)."""
+        B, L, D = h.shape
+        U, k, r = combos.shape[0], combos.shape[1], self.bottleneck
+        wd, bd = self.effective("down_weight"), self.effective("down_bias")
+        wu, bu = self.effective("up_weight"), self.effective("up_bias")
+        res = out if out is not None else h.new_zeros(B, L, D)
+        order = inv.argsort(stable=True)
+        start = 0
+        for u, n in enumerate(torch.bincount(inv, minlength=U).tolist()):
+            rows, start = order[start:start + n], start + n
+            c = combos[u]
+            hg, s = (h, sw) if U == 1 else (h.index_select(0, rows), sw.index_select(0, rows))
+            z = self.drop(F.relu(F.linear(hg, wd.index_select(0, c).view(k * r, D), bd.index_select(0, c).view(-1))))
+            z = (z.view(n, L, k, r) * s.view(n, 1, k, 1)).view(n, L, k * r)
+            y = torch.matmul(z, wu.index_select(0, c).view(k * r, D)).add_((s @ bu.index_select(0, c))[:, None])
+            if U == 1:
+                res.add_(y)
+            else:
+                res.index_add_(0, rows, y)
+        return res
 
     def expert_forward(self, i: int, h: torch.Tensor) -> torch.Tensor:
         """One expert applied on its own (reference path for tests and debugging)."""

@@ -1,0 +1,174 @@
+"""Cost of MoE-Adapters on the tiny CLIP (``lmoe-tiny-vit``, random init), CPU.
+
+``moe_cost`` times, as interleaved repeated medians:
+
+- a training step (forward of ``batch`` images and ``prompts`` class prompts re-encoded through the
+  adapted text tower, CE, backward, AdamW step) with MoE-Adapters (``experts`` per block, top-``k``,
+  both towers, noisy per-task router) against the floor: one dense bottleneck adapter per block in
+  the same towers, same width;
+- inference of ``infer_batch`` images with a task's router against plain CLIP; and the same with a
+  DDAS decision on frozen-CLIP features in front (an extra frozen forward plus the autoencoders).
+
+``python -m lifelong_moe.bench`` prints the ratios (the CLI exposes it as ``lifelong-moe bench moe``).
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import statistics
+import time
+
+import torch
+import torch.nn.functional as F
+from open_clip.transformer import ResidualAttentionBlock
+from torch import nn
+
+from .moe import inject_moe_adapters
+from .moe.ddas import DDAS, ClipFeatures
+
+
+class DenseAdapterBlock(ResidualAttentionBlock):
+    """The floor: ``out = h + MLP(LN_2(h)) + s * W_up Drop(ReLU(W_down h))`` with one adapter."""
+
+    adapter: nn.Module
+
+    def forward(self, q_x, k_x=None, v_x=None, attn_mask=None):
+        h = q_x + self.ls_1(self.attention(q_x=self.ln_1(q_x), attn_mask=attn_mask))
+        return h + self.ls_2(self.mlp(self.ln_2(h))) + self.adapter(h)
+
+
+class _Adapter(nn.Module):
+    def __init__(self, d: int, r: int, scale: float, dropout: float):
+        super().__init__()
+        self.down, self.up, self.drop, self.scale = nn.Linear(d, r), nn.Linear(r, d), nn.Dropout(dropout), scale
+        nn.init.zeros_(self.up.weight), nn.init.zeros_(self.up.bias)
+
+    def forward(self, h):
+        return self.up(self.drop(F.relu(self.down(h)))) * self.scale
+
+
+def inject_dense(model: nn.Module, towers=("image", "text"), bottleneck: int = 64) -> list[nn.Parameter]:
+    blocks = []
+    if "image" in towers:
+        blocks += list(model.visual.transformer.resblocks)
+    if "text" in towers:
+        blocks += list(model.transformer.resblocks)
+    for b in blocks:
+        b.__class__ = DenseAdapterBlock
+        b.adapter = _Adapter(b.mlp.c_fc.weight.shape[1], bottleneck, 0.1, 0.1)
+    return [p for b in blocks for p in b.adapter.parameters()]
+
+
+def _median_times(fns: dict, repeats: int, warmup: int) -> dict[str, float]:
+    for _ in range(warmup):
+        for fn in fns.values():
+            fn()
+    times = {k: [] for k in fns}
+    for _ in range(repeats):  # interleaved: drifts of a shared machine hit every variant alike
+        for k, fn in fns.items():
+            t = time.perf_counter()
+            fn()
+            times[k].append(time.perf_counter() - t)
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
+def moe_cost(experts: int = 22, k: int = 2, batch: int = 64, prompts: int = 10, infer_batch: int = 128,
+             repeats: int = 30, warmup: int = 5, threads: int = 2, seed: int = 0) -> dict:
+    """Median seconds per training step / inference batch and the MoE-over-baseline ratios."""
+    import open_clip
+
+    from .clip import register_model_configs
+
+    torch.set_num_threads(threads)
+    torch.manual_seed(seed)
+    register_model_configs()
+    base = open_clip.create_model("lmoe-tiny-vit", pretrained=None).requires_grad_(False)
+    size = base.visual.image_size
+    size = size if isinstance(size, int) else size[0]
+    x, xi = torch.randn(batch, 3, size, size), torch.randn(infer_batch, 3, size, size)
+    tokens = open_clip.get_tokenizer("lmoe-tiny-vit")([f"a photo of a class {i}." for i in range(prompts)])
+    y = torch.randint(0, prompts, (batch,))
+
+    moe = copy.deepcopy(base)
+    handle = inject_moe_adapters(moe, num_experts=experts, k=k)
+    handle.add_task()
+    handle.set_task(0)
+    with torch.no_grad():
+        for p in handle.parameters():
+            p.normal_(0, 0.02)
+    dense = copy.deepcopy(base)
+    dense_params = inject_dense(dense)
+    opts = {"moe": torch.optim.AdamW(handle.parameters(), lr=1e-4),
+            "dense": torch.optim.AdamW(dense_params, lr=1e-4)}
+    scale = base.logit_scale.exp().detach()
+
+    def step(model, opt):
+        def run():
+            model.train()
+            img = F.normalize(model.encode_image(x), dim=-1)
+            txt = F.normalize(model.encode_text(tokens), dim=-1)
+            loss = F.cross_entropy(scale * img @ txt.t(), y, label_smoothing=0.2)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+        return run
+
+    train = _median_times({"moe": step(moe, opts["moe"]), "dense": step(dense, opts["dense"])}, repeats, warmup)
+
+    ddas = DDAS(base.visual.output_dim, num_tasks=1)
+    ddas.set_task_ae(0, ddas.new_autoencoder())
+    ddas.set_reference(ddas.new_autoencoder())
+
+    def infer(model, with_ddas=False):
+        @torch.no_grad()
+        def run():
+            model.eval()
+            if model is moe:
+                handle.set_task(0)
+            if with_ddas:
+                handle.set_task(None, towers=("image",))
+                plain = model.encode_image(xi)
+                dec = ddas.decide(ClipFeatures.squash(plain), [0], None)
+                handle.set_task(dec.clamp(min=0) if bool((dec >= 0).all()) else dec, towers=("image",))
+            model.encode_image(xi)
+        return run
+
+    handle.set_task(0)
+    inference = _median_times({"moe": infer(moe), "plain": infer(base), "moe_ddas": infer(moe, True)},
+                              repeats, warmup)
+    return {
+        "setup": {"model": "lmoe-tiny-vit", "experts": experts, "top_k": k, "towers": ["image", "text"],
+                  "batch": batch, "prompts": prompts, "infer_batch": infer_batch, "repeats": repeats,
+                  "threads": threads},
+        "train_step_s": train, "inference_s": inference,
+        "train_ratio_vs_dense_adapter": train["moe"] / train["dense"],
+        "inference_ratio_vs_plain_clip": inference["moe"] / inference["plain"],
+        "inference_with_ddas_ratio_vs_plain_clip": inference["moe_ddas"] / inference["plain"],
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="lifelong-moe bench moe", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--experts", type=int, default=22)
+    ap.add_argument("--top-k", type=int, default=2)
+    ap.add_argument("--repeats", type=int, default=30)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--json", action="store_true", help="print the whole record as JSON")
+    a = ap.parse_args(argv)
+    r = moe_cost(experts=a.experts, k=a.top_k, repeats=a.repeats, threads=a.threads)
+    if a.json:
+        print(json.dumps(r, indent=2))
+    else:
+        t, i = r["train_step_s"], r["inference_s"]
+        print(f"train step: MoE {t['moe'] * 1e3:.1f} ms, dense adapter {t['dense'] * 1e3:.1f} ms "
+              f"-> {r['train_ratio_vs_dense_adapter']:.2f}x (reference code: 1.55x)")
+        print(f"inference ({r['setup']['infer_batch']} images): MoE {i['moe'] * 1e3:.1f} ms, plain CLIP "
+              f"{i['plain'] * 1e3:.1f} ms -> {r['inference_ratio_vs_plain_clip']:.2f}x (reference code: 1.2x)")
+        print(f"inference with a DDAS decision (frozen-CLIP features): {i['moe_ddas'] * 1e3:.1f} ms "
+              f"-> {r['inference_with_ddas_ratio_vs_plain_clip']:.2f}x")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
