@@ -416,3 +416,12 @@ def test_reference_parameter_count_vit_b16():
     assert c["moe_total"] == 51_059_712 and c["ddas_autoencoder"] == 8_696_164
     assert round(c["paper_count"] / 1e6, 1) == 59.8
     assert round(reference_parameter_count("ViT-B-16", num_tasks=1, num_experts=2)["moe_total"] / 1e6, 2) == 4.03
+
+
+def test_bench_moe_cost_smoke():
+    from lifelong_moe.bench import main, moe_cost
+
+    r = moe_cost(experts=4, batch=4, prompts=3, infer_batch=8, repeats=1, warmup=0, threads=1)
+    assert set(r["train_step_s"]) == {"moe", "dense"} and set(r["inference_s"]) == {"moe", "plain", "moe_ddas"}
+    assert r["train_ratio_vs_dense_adapter"] > 0 and r["inference_ratio_vs_plain_clip"] > 0
+    assert callable(main)
