@@ -5,12 +5,13 @@ routers, per-sample routing on the first (or EOT) token, bit-exact expert freezi
 The base classes (``StackedExperts``, ``Router``, ``Routing``) are meant for CL-MoE's LoRA experts
 and instance/task routers and LiveEdit's soft-routed low-rank experts as well.
 """
+from .ddas import DDAS, AutoEncoder
 from .experts import BottleneckExperts, StackedExperts
 from .inject import MoEAdapter, MoEAdapters, MoEResidualAttentionBlock, inject_moe_adapters
 from .routers import NoisyTopKRouter, Router, Routing, cv_squared
 
 __all__ = [
-    "BottleneckExperts", "StackedExperts",
+    "BottleneckExperts", "StackedExperts", "DDAS", "AutoEncoder",
     "NoisyTopKRouter", "Router", "Routing", "cv_squared",
     "MoEAdapter", "MoEAdapters", "MoEResidualAttentionBlock", "inject_moe_adapters",
 ]
