@@ -1,4 +1,4 @@
-"""``lifelong-moe`` command line: run, compare, metrics, list."""
+"""``lifelong-moe`` command line: run, compare, metrics, pretrain, list."""
 from __future__ import annotations
 
 import argparse
@@ -74,6 +74,34 @@ def cmd_metrics(a) -> int:
     return 0
 
 
+def cmd_pretrain(a) -> int:
+    from .clip import resolve_synthetic
+    from .config import apply_overrides, read_yaml_tree
+    from .pretrain import PretrainConfig, format_table, info_path, read_info
+
+    overrides = list(a.overrides)
+    if a.config and "=" in a.config and not Path(a.config).exists():
+        overrides.insert(0, a.config)
+        a.config = None
+    data = apply_overrides(read_yaml_tree(a.config) if a.config else {}, overrides)
+    model = data.pop("model", PretrainConfig.model)
+    path = resolve_synthetic(model, data, progress=not a.quiet, force=a.force, cache_dir=a.cache_dir)
+    info = read_info(path)
+    if not a.quiet:
+        print(f"checkpoint: {path}  (trained in {info.get('train_seconds')} s, {info.get('steps')} steps)")
+        print(format_table({d: v["accuracy"] for d, v in info.get("zero_shot", {}).items()}))
+        print(f"use it with  backbone: {{name: {model}, pretrained: synthetic}}  or  pretrained: {path}")
+    else:
+        print(path)
+    return 0
+
+
+def cmd_bench(a) -> int:
+    from .bench import main as bench_main
+
+    return bench_main(a.args)
+
+
 def cmd_list(a) -> int:
     from . import metrics
     from .clip import shipped_model_names
@@ -110,12 +138,39 @@ def parser() -> argparse.ArgumentParser:
     m = sub.add_parser("metrics", help="recompute and print the metrics of a saved run")
     m.add_argument("run")
     m.set_defaults(fn=cmd_metrics)
+    pt = sub.add_parser("pretrain", help="pretrain the embedded tiny CLIP on the synthetic world (cached)")
+    pt.add_argument("what", choices=["clip"])
+    pt.add_argument("config", nargs="?", help="YAML of PretrainConfig fields (model, steps, seed, ...)")
+    pt.add_argument("overrides", nargs="*", help="key=value overrides of PretrainConfig fields")
+    pt.add_argument("--force", action="store_true", help="retrain even if a cached checkpoint exists")
+    pt.add_argument("--cache-dir", help="cache root (default $LIFELONG_MOE_CACHE or ~/.cache/lifelong_moe)")
+    pt.add_argument("-q", "--quiet", action="store_true")
+    pt.set_defaults(fn=cmd_pretrain)
+    b = sub.add_parser("bench", help="cost benchmarks (MoE-Adapters vs dense adapter and plain CLIP)",
+                       add_help=False)
+    b.add_argument("what", choices=["moe"])
+    b.add_argument("args", nargs=argparse.REMAINDER, help="options of python -m lifelong_moe.bench (--help)")
+    b.set_defaults(fn=cmd_bench)
     sub.add_parser("list", help="known streams, datasets, backbones, strategies, metrics").set_defaults(fn=cmd_list)
     return p
 
 
+def parse(argv: list[str] | None = None) -> argparse.Namespace:
+    """Parse; ``run``'s ``key=value`` overrides may stand anywhere among its options."""
+    p = parser()
+    args, extra = p.parse_known_args(argv)
+    stray = [e for e in extra if e.startswith("-") or "=" not in e or args.command not in ("run", "pretrain", "bench")]
+    if stray:
+        p.error(f"unrecognized arguments: {' '.join(stray)}")
+    if extra and args.command == "bench":
+        args.args = list(args.args) + extra
+    elif extra:
+        args.overrides = list(args.overrides) + extra
+    return args
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = parser().parse_args(argv)
+    args = parse(argv)
     try:
         return args.fn(args)
     except UserError as e:

@@ -42,7 +42,32 @@ def _looks_like_path(s: str) -> bool:
     return "/" in s or "\\" in s or s.endswith((".pt", ".pth", ".bin", ".safetensors"))
 
 
-def create_clip(name: str, pretrained: str | None):
+SYNTHETIC_TAG = "synthetic"  # pretrained=synthetic: pretrain on the offline synthetic world (cached)
+
+
+def resolve_synthetic(name: str, pretrain: dict | None = None, progress: bool = True, force: bool = False,
+                      cache_dir: str | None = None) -> str:
+    """Path of the tiny CLIP ``name`` pretrained on the synthetic world; trains it on first use
+    (see :mod:`lifelong_moe.pretrain`). ``pretrain`` overrides fields of ``PretrainConfig``."""
+    from dataclasses import fields
+
+    from .pretrain import PretrainConfig, pretrain_clip
+
+    over = dict(pretrain or {})
+    known = {f.name for f in fields(PretrainConfig)} - {"model"}
+    bad = sorted(set(over) - known)
+    if bad:
+        close = difflib.get_close_matches(bad[0], sorted(known), n=1, cutoff=0.5)
+        raise UserError(f"backbone.pretrain: unknown key {bad[0]!r}" + (f" (did you mean {close[0]!r}?)" if close else "")
+                        + f"; known keys: {', '.join(sorted(known))}")
+    try:
+        cfg = PretrainConfig(model=name, **over)
+    except (TypeError, ValueError) as e:
+        raise UserError(f"backbone.pretrain: {e}") from None
+    return str(pretrain_clip(cfg, progress=progress, force=force, cache_dir=cache_dir))
+
+
+def create_clip(name: str, pretrained: str | None, pretrain: dict | None = None, progress: bool = True):
     """Return ``(model, tokenizer, image_size, mean, std)``; every failure is a UserError."""
     import open_clip
 
@@ -53,6 +78,10 @@ def create_clip(name: str, pretrained: str | None):
         raise UserError(f"backbone.name: unknown open_clip model {name!r}"
                         + (f" (did you mean {', '.join(map(repr, close))}?)" if close else "")
                         + f"; shipped tiny models: {', '.join(shipped_model_names())}")
+    if pretrained == SYNTHETIC_TAG:
+        pretrained = resolve_synthetic(name, pretrain, progress)
+    elif pretrain:
+        raise UserError("backbone.pretrain is only used with backbone.pretrained: synthetic")
     if pretrained is not None and _looks_like_path(pretrained):
         if not Path(pretrained).expanduser().is_file():
             raise UserError(f"backbone.pretrained: checkpoint file not found: {pretrained}")
@@ -112,8 +141,9 @@ class ClipClassifier(nn.Module):
             p.requires_grad_(False)
 
     @classmethod
-    def from_config(cls, name: str, pretrained: str | None, cache_text: bool = True) -> "ClipClassifier":
-        return cls(*create_clip(name, pretrained), cache_text=cache_text)
+    def from_config(cls, name: str, pretrained: str | None, cache_text: bool = True, pretrain: dict | None = None,
+                    progress: bool = True) -> "ClipClassifier":
+        return cls(*create_clip(name, pretrained, pretrain, progress), cache_text=cache_text)
 
     # ------------------------------------------------------------------ towers
     def check_images(self, x: torch.Tensor) -> None:

@@ -87,7 +87,8 @@ class BackboneConfig(Strict):
     """A CLIP backbone as open_clip users name it: ``name`` plus ``pretrained`` (tag or path)."""
 
     name: str = "lmoe-tiny-vit"
-    pretrained: Optional[str] = None
+    pretrained: Optional[str] = None  # open_clip tag, checkpoint path, or "synthetic" (pretrained here, cached)
+    pretrain: Optional[dict[str, Any]] = None  # with pretrained: synthetic, overrides of PretrainConfig
     templates: list[str] = ["a photo of a {}."]
     dataset_templates: bool = True  # prefer a dataset's own templates when it ships some
     cache_text_features: bool = True

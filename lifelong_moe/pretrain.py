@@ -43,14 +43,17 @@ class PretrainConfig:
     seed: int = 0
     steps: int = 600
     batch_size: int = 128
-    lr: float = 2e-3
+    lr: float = 1e-3
     min_lr_ratio: float = 0.05       # cosine decays to lr * min_lr_ratio
     warmup_steps: int = 40
     weight_decay: float = 0.1
     focus: float = 0.5               # share of captions naming one attribute only
     p_attr: float = 0.5              # otherwise: chance each attribute is named
     multi_positive: bool = True      # every true caption of an image is a positive
+    clip_weight: float = 1.0         # weight of CLIP's InfoNCE over the batch's captions
+    bank_weight: float = 1.0         # weight of the attribute-grouped contrastive term (0: plain CLIP loss)
     sincos_init: bool = True         # 2-D sin-cos init of the image tower's position embedding
+    freeze_token_embedding: bool = True  # keep the (random) 49k-row token table fixed: ~2x faster steps
     threads: int = 2
     # evaluation only (not part of the cache key)
     eval_test_per_class: int = 50
@@ -169,9 +172,29 @@ def sincos_position_init(model, scale: float = 0.5) -> None:
         pe[1:] = table * scale
 
 
+def bank_loss(logits: torch.Tensor, scenes: np.ndarray, bank_mentions: np.ndarray) -> torch.Tensor:
+    """Attribute-grouped contrastive term: for each attribute (shape, colour, count, ...), a softmax
+    over the short captions of that attribute's values ("a photo of a circle.", "... a square.", ...),
+    the true one as target; averaged over attributes and the images it applies to. It is CLIP's
+    image-to-text InfoNCE with negatives drawn from the same attribute, which is exactly the choice
+    a zero-shot prompt classifier faces; ``logits`` is ``[images, bank captions]``."""
+    from .streams.synthetic import caption_matches
+
+    pos = torch.from_numpy(caption_matches(scenes, bank_mentions))
+    group = (bank_mentions != -1).argmax(1)
+    terms = []
+    for g in np.unique(group):
+        cols = torch.from_numpy(np.flatnonzero(group == g))
+        p = pos[:, cols]
+        ok = p.sum(1) == 1  # images the attribute applies to (e.g. no shape for a digit)
+        if ok.any():
+            terms.append(F.cross_entropy(logits[ok][:, cols], p[ok].float().argmax(1)))
+    return torch.stack(terms).mean()
+
+
 def train_clip(model, tokenizer, cfg: PretrainConfig, progress: bool = True) -> dict:
     """Contrastive pretraining of ``model`` in place; returns training statistics."""
-    from .streams.synthetic import caption_batch, caption_matches
+    from .streams.synthetic import attribute_bank, caption_batch, caption_matches
 
     torch.manual_seed(cfg.seed)
     rng = np.random.default_rng([cfg.seed, 0xC11B])
@@ -179,6 +202,10 @@ def train_clip(model, tokenizer, cfg: PretrainConfig, progress: bool = True) -> 
         sincos_position_init(model)
     tok = CachedTokenizer(tokenizer)
     norm = normalizer(model)
+    if cfg.freeze_token_embedding:  # the world's vocabulary is ~100 words: random fixed rows do
+        for n, p in model.named_parameters():
+            if n.endswith("token_embedding.weight"):
+                p.requires_grad_(False)
     opt = torch.optim.AdamW(_param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(0.9, 0.98), eps=1e-6)
 
     def lr_at(step: int) -> float:
@@ -192,17 +219,25 @@ def train_clip(model, tokenizer, cfg: PretrainConfig, progress: bool = True) -> 
     for step in range(cfg.steps):
         images, captions, scenes, mentions = caption_batch(cfg.batch_size, rng, focus=cfg.focus, p_attr=cfg.p_attr,
                                                            return_attrs=True)
-        x, t = norm(torch.from_numpy(images)), tok(captions)
-        img = F.normalize(model.encode_image(x), dim=-1)
-        txt = F.normalize(model.encode_text(t), dim=-1)
-        logits = model.logit_scale.exp() * img @ txt.t()
+        # short captions repeat within a batch: encode each distinct caption once
+        first = {c: i for i, c in reversed(list(enumerate(captions)))}
+        uniq = sorted(first.values())
+        distinct = [captions[i] for i in uniq]
+        bank, bank_mentions = attribute_bank(rng) if cfg.bank_weight > 0 else ([], None)
+        img = F.normalize(model.encode_image(norm(torch.from_numpy(images))), dim=-1)
+        txt = F.normalize(model.encode_text(tok(distinct + bank)), dim=-1)
+        scale = model.logit_scale.exp()
+        logits = scale * img @ txt[:len(distinct)].t()
         if cfg.multi_positive:
-            pos = torch.from_numpy(caption_matches(scenes, mentions)).float()
-            loss = 0.5 * (F.cross_entropy(logits, pos / pos.sum(1, keepdim=True))
-                          + F.cross_entropy(logits.t(), (pos / pos.sum(0, keepdim=True)).t()))
-        else:
-            labels = torch.arange(len(captions))
-            loss = 0.5 * (F.cross_entropy(logits, labels) + F.cross_entropy(logits.t(), labels))
+            pos = torch.from_numpy(caption_matches(scenes, mentions[uniq])).float()
+        else:  # plain CLIP over distinct captions: an image's own caption is its positive
+            col = {c: j for j, c in enumerate(distinct)}
+            pos = torch.zeros(len(images), len(uniq))
+            pos[torch.arange(len(images)), torch.tensor([col[c] for c in captions])] = 1.0
+        loss = 0.5 * cfg.clip_weight * (F.cross_entropy(logits, pos / pos.sum(1, keepdim=True))
+                                         + F.cross_entropy(logits.t(), pos.t() / pos.t().sum(1, keepdim=True)))
+        if bank:
+            loss = loss + cfg.bank_weight * bank_loss(scale * img @ txt[len(distinct):].t(), scenes, bank_mentions)
         for g in opt.param_groups:
             g["lr"] = lr_at(step)
         opt.zero_grad(set_to_none=True)
@@ -255,6 +290,16 @@ def format_table(acc: dict[str, float]) -> str:
     return "\n".join(lines)
 
 
+def info_path(checkpoint: str | os.PathLike) -> Path:
+    """The JSON record written beside a pretrained checkpoint (config, time, zero-shot accuracy)."""
+    return Path(checkpoint).with_suffix(".json")
+
+
+def read_info(checkpoint: str | os.PathLike) -> dict:
+    p = info_path(checkpoint)
+    return json.loads(p.read_text()) if p.is_file() else {}
+
+
 def pretrain_clip(cfg: PretrainConfig = PretrainConfig(), *, cache_dir: str | os.PathLike | None = None,
                   force: bool = False, progress: bool = True) -> Path:
     """Path of the cached checkpoint for ``cfg``; train (and evaluate) it first if missing or ``force``."""
@@ -263,21 +308,28 @@ def pretrain_clip(cfg: PretrainConfig = PretrainConfig(), *, cache_dir: str | os
         return path
     from safetensors.torch import save_file
 
+    threads = torch.get_num_threads()
     torch.set_num_threads(cfg.threads)
-    model, tokenizer = create_model(cfg.model)
-    if progress:
-        print(f"pretraining {cfg.model} on the synthetic world: {cfg.steps} steps of {cfg.batch_size} "
-              f"(cache: {path})", flush=True)
-    stats = train_clip(model, tokenizer, cfg, progress)
-    state = {k: v.detach().contiguous().clone() for k, v in model.state_dict().items()}
-    _atomic_write(path, lambda tmp: save_file(state, str(tmp), metadata={"format": "pt"}))
-    acc = zero_shot_accuracy(model, tokenizer, seed=cfg.eval_seed, n_test_per_class=cfg.eval_test_per_class)
+    try:
+        with torch.random.fork_rng(devices=[]):  # leave the caller's RNG state as it was
+            torch.manual_seed(cfg.seed)  # the random init is part of what the cache key names
+            model, tokenizer = create_model(cfg.model)
+            if progress:
+                print(f"pretraining {cfg.model} on the synthetic world: {cfg.steps} steps of {cfg.batch_size} "
+                      f"(cache: {path})", flush=True)
+            stats = train_clip(model, tokenizer, cfg, progress)
+            acc = zero_shot_accuracy(model, tokenizer, seed=cfg.eval_seed, n_test_per_class=cfg.eval_test_per_class)
+    finally:
+        torch.set_num_threads(threads)
     from .streams.synthetic import GENERATOR_VERSION
 
     info = {"model": cfg.model, "checkpoint": path.name, "config": asdict(cfg), "model_cfg": model_config(cfg.model),
-            "generator_version": GENERATOR_VERSION, **stats, "torch_threads": torch.get_num_threads(),
+            "generator_version": GENERATOR_VERSION, **stats, "torch_threads": cfg.threads,
             "zero_shot": {d: {"accuracy": round(a, 4), "chance": round(chance_level(d), 4)} for d, a in acc.items()}}
-    _atomic_write(path.with_suffix(".json"), lambda tmp: tmp.write_text(json.dumps(info, indent=2) + "\n"))
+    # the record first, the checkpoint last: an existing checkpoint always has its record
+    _atomic_write(info_path(path), lambda tmp: tmp.write_text(json.dumps(info, indent=2) + "\n"))
+    state = {k: v.detach().contiguous().clone() for k, v in model.state_dict().items()}
+    _atomic_write(path, lambda tmp: save_file(state, str(tmp), metadata={"format": "pt"}))
     if progress:
         print(f"trained in {stats['train_seconds']:.1f}s; zero-shot accuracy on the synthetic domains:")
         print(format_table(acc), flush=True)

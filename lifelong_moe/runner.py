@@ -38,7 +38,8 @@ def build(cfg: RunConfig, progress: bool = True):
     from .streams.transforms import ImageTransform
 
     seed_everything(cfg.seed)
-    model = ClipClassifier.from_config(cfg.backbone.name, cfg.backbone.pretrained, cfg.backbone.cache_text_features)
+    b = cfg.backbone
+    model = ClipClassifier.from_config(b.name, b.pretrained, b.cache_text_features, b.pretrain, progress)
     try:
         stream = build_stream(cfg.stream, ImageTransform(model.image_size, model.mean.flatten().tolist(),
                                                          model.std.flatten().tolist()), cfg.seed)

@@ -388,3 +388,19 @@ def load_source(dataset: str, *, root: str | Path | None, download: bool = False
     close = difflib.get_close_matches(key, KNOWN_SOURCES, n=1, cutoff=0.6)
     raise SourceError(f"unknown dataset {dataset!r}{f' (did you mean {close[0]!r}?)' if close else ''}; "
                       f"known: {', '.join(KNOWN_SOURCES)}")
+
+
+# ----------------------------------------------------------------------------- synthetic world
+def _synthetic(dataset: str, *, seed: int = 0, **_ignored) -> ClassificationData:
+    from .synthetic import load_domain
+
+    return load_domain(dataset, seed=seed)
+
+
+def _register_synthetic() -> None:
+    from .synthetic import DOMAINS
+
+    register_source("synthetic", _synthetic, names=[f"synthetic/{d}" for d in DOMAINS])
+
+
+_register_synthetic()

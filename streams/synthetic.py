@@ -33,6 +33,7 @@ from .synthetic_render import (A, ATTRS, BACKGROUNDS, COLORS, COUNTS, DIGITS, PO
 GENERATOR_VERSION = 1  # bump whenever images or captions change (part of the pretrained-CLIP cache key)
 
 __all__ = ["GENERATOR_VERSION", "DOMAINS", "SOURCES", "load_domain", "load", "caption_batch", "caption_matches",
+           "attribute_bank",
            "sample_scenes", "SceneMix", "Domain", "UnknownDomainError", "ATTRS", "SHAPES", "COLORS", "TEXTURES",
            "SIZES", "POSITIONS", "BACKGROUNDS", "STYLES", "COUNTS", "DIGITS"]
 
@@ -179,6 +180,32 @@ def caption_batch(n: int, rng: np.random.Generator, *, focus: float = 0.5, p_att
     ment = _mentions(sc, rng, focus, p_attr)
     caps = [_describe(sc[i], ment[i], rng) for i in range(n)]
     return (images, caps, sc, ment) if return_attrs else (images, caps)
+
+
+_BANK_ATTRS = ("shape", "color", "digit", "count", "position", "texture", "size", "style", "background")
+
+
+def attribute_bank(rng: np.random.Generator | None = None) -> tuple[list[str], np.ndarray]:
+    """One short caption per (attribute, value): "a photo of a circle.", "a photo of two objects.",
+    "a photo of digit 3.", ... with its mention row (only that attribute named). Added to every
+    pretraining batch, they give each image a signal on every attribute at once."""
+    rng = rng or np.random.default_rng(0)
+    names = {"shape": SHAPES, "color": COLORS, "digit": DIGITS, "count": COUNTS, "position": POSITIONS,
+             "texture": TEXTURES, "size": SIZES, "style": STYLES, "background": BACKGROUNDS}
+    caps, rows = [], []
+    for attr in _BANK_ATTRS:
+        for v in range(len(names[attr])):
+            value = v + 1 if attr == "count" else v
+            row = np.full(len(ATTRS), -1, np.int64)
+            row[[A["count"], A["size"], A["texture"], A["background"], A["style"]]] = [1, 0, 0, 0, 0]
+            row[A["digit"] if attr == "digit" else A["shape"]] = v if attr == "digit" else 0
+            row[A[attr]] = value
+            mention = np.full(len(ATTRS), -1, np.int64)
+            mention[A[attr]] = value
+            text = _describe(row, mention, rng)
+            caps.append(text)
+            rows.append(mention)
+    return caps, np.stack(rows)
 
 
 # ----------------------------------------------------------------------------- domains
