@@ -188,12 +188,14 @@ _BANK_ATTRS = ("shape", "color", "digit", "count", "position", "texture", "size"
 def attribute_bank(rng: np.random.Generator | None = None) -> tuple[list[str], np.ndarray]:
     """One short caption per (attribute, value): "a photo of a circle.", "a photo of two objects.",
     "a photo of digit 3.", ... with its mention row (only that attribute named). Added to every
-    pretraining batch, they give each image a signal on every attribute at once."""
+    pretraining batch, they give each image a signal on every attribute at once. The captions of
+    one attribute share their frame (drawn anew per call), so they differ only in the value's word."""
     rng = rng or np.random.default_rng(0)
     names = {"shape": SHAPES, "color": COLORS, "digit": DIGITS, "count": COUNTS, "position": POSITIONS,
              "texture": TEXTURES, "size": SIZES, "style": STYLES, "background": BACKGROUNDS}
     caps, rows = [], []
     for attr in _BANK_ATTRS:
+        phrasing = int(rng.integers(2 ** 31))  # one frame per attribute: its captions differ in one word
         for v in range(len(names[attr])):
             value = v + 1 if attr == "count" else v
             row = np.full(len(ATTRS), -1, np.int64)
@@ -202,7 +204,7 @@ def attribute_bank(rng: np.random.Generator | None = None) -> tuple[list[str], n
             row[A[attr]] = value
             mention = np.full(len(ATTRS), -1, np.int64)
             mention[A[attr]] = value
-            text = _describe(row, mention, rng)
+            text = _describe(row, mention, np.random.default_rng(phrasing))
             caps.append(text)
             rows.append(mention)
     return caps, np.stack(rows)

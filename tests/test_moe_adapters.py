@@ -280,8 +280,8 @@ def test_calibrated_threshold_is_max_of_task_quantiles():
 @pytest.fixture(scope="module")
 def ddas_run(domain_files):
     """Two distinct domains, DDAS on frozen CLIP features with a synthetic reference AE."""
-    strat = {**SMALL, "ddas": {**FAST_DDAS, "reference_data": "synthetic_pretrain", "reference_samples": 64,
-                               "reference_iterations": 30, "threshold": {"mode": "calibrated", "quantile": 1.0}}}
+    strat = {**SMALL, "ddas": {**FAST_DDAS, "iterations": 150, "reference_data": "synthetic_pretrain", "reference_samples": 64,
+                               "reference_iterations": 30, "threshold": {"mode": "calibrated", "quantile": 1.0, "holdout": 0.3}}}
     stream, s, ev = domains(domain_files, strat)
     zs_row = ev.row(s, -1)
     rows = []
@@ -298,7 +298,7 @@ def test_ddas_strategy_selects_domains_and_records(ddas_run):
     assert all(v["ood_rate"] == 1.0 and v["expected"] == "ood" for v in sel["-1"].values())
     assert sel["0"][names[0]]["accuracy"] >= 0.9 and sel["0"][names[0]]["expected"] == names[0]
     assert sel["0"][names[1]]["counts"].get(names[1], 0) == 0  # task 1 untrained after row 0
-    assert sel["1"][names[0]]["accuracy"] >= 0.9 and sel["1"][names[1]]["accuracy"] >= 0.9
+    assert sel["1"][names[0]]["accuracy"] >= 0.9 and sel["1"][names[1]]["accuracy"] >= 0.9, sel["1"]
     assert s.ddas.reference is not None
     tau = s.threshold()
     assert tau == pytest.approx(float(s.ddas.calibration[:2].max())) and np.isfinite(tau)
