@@ -27,12 +27,8 @@ def cmd_run(a) -> int:
     from .config import load_config
     from .runner import output_dir, run
 
-    configs = load_config(a.config, a.overrides)
-    if a.only:
-        wanted = set(a.only.split(","))
-        configs = [c for c in configs if c.name.rsplit("/", 1)[-1] in wanted]
-        if not configs:
-            raise UserError(f"--only {a.only}: no variant of that name")
+    only = [w.strip() for w in a.only.split(",") if w.strip()] if a.only else None
+    configs = load_config(a.config, a.overrides, only=only)
     multi = len(configs) > 1 or "/" in configs[0].name
     outs = []
     for cfg in configs:

@@ -194,10 +194,19 @@ def _save(fig: Figure, path: Path) -> Path:
     return path
 
 
+def _drop_common_prefix(tasks: list[str]) -> list[str]:
+    """``synthetic/shapes, synthetic/counts`` -> ``shapes, counts`` (a shared ``family/`` prefix)."""
+    heads = {t.split("/", 1)[0] for t in tasks}
+    if len(tasks) > 1 and len(heads) == 1 and all("/" in t for t in tasks):
+        return [t.split("/", 1)[1] for t in tasks]
+    return tasks
+
+
 def _xticks(ax, tasks: list[str], zero_shot: bool = True) -> None:
     T = len(tasks)
     ticks = list(range(0 if zero_shot else 1, T + 1))
-    labels = (["zero-shot"] if zero_shot else []) + [f"{i + 1}:{_short(t, 12)}" for i, t in enumerate(tasks)]
+    names = _drop_common_prefix(tasks)
+    labels = (["zero-shot"] if zero_shot else []) + [f"{i + 1}:{_short(t, 12)}" for i, t in enumerate(names)]
     long = T > 3 or max(len(s) for s in labels) > 8
     ax.set_xticks(ticks, labels, rotation=45 if long else 0, ha="right" if long else "center",
                   rotation_mode="anchor", fontsize=8)
@@ -284,9 +293,10 @@ def _heatmaps(runs, tasks, path) -> Path:
             if not np.isnan(v) or done[i, j]:
                 ax.text(j, i, "–" if np.isnan(v) else f"{100 * v:.0f}" if T > 8 else f"{100 * v:.1f}",
                         ha="center", va="center", fontsize=fs, color="white" if v < 0.55 else "black")
-        ylabels = (["zero-shot"] if zs else []) + [f"after {i + 1}:{_short(t, 12)}" for i, t in enumerate(tasks)]
+        names = _drop_common_prefix(tasks)
+        ylabels = (["zero-shot"] if zs else []) + [f"after {i + 1}:{_short(t, 12)}" for i, t in enumerate(names)]
         ax.set_yticks(range(len(ylabels)), ylabels, fontsize=fs + 1)
-        ax.set_xticks(range(T), [_short(t, 12) for t in tasks], rotation=45, ha="right",
+        ax.set_xticks(range(T), [_short(t, 12) for t in names], rotation=45, ha="right",
                       rotation_mode="anchor", fontsize=fs + 1)
         if zs:
             ax.axhline(0.5, color="white", lw=2)

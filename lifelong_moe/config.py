@@ -242,8 +242,9 @@ def validate(data: dict) -> RunConfig:
     return cfg
 
 
-def load_config(path: str | Path, overrides: list[str] | None = None) -> list[RunConfig]:
-    """Load, merge and validate a config; one RunConfig per variant (or just one)."""
+def load_config(path: str | Path, overrides: list[str] | None = None, only: list[str] | None = None) -> list[RunConfig]:
+    """Load, merge and validate a config; one RunConfig per variant (or just one). ``only`` keeps
+    the named variants (before overrides apply, so an override may name a key only they have)."""
     base = read_yaml_tree(path)
     base.setdefault("name", Path(path).stem)
     overrides = list(overrides or [])
@@ -255,6 +256,11 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> list[Ru
     names = [str(v["name"]) for v in variants]
     if len(set(names)) != len(names):
         raise ConfigError(f"variants: names must be unique, got {names}")
+    if only:
+        unknown = sorted(set(only) - set(names))
+        if unknown:
+            raise ConfigError(f"--only: no variant named {', '.join(map(repr, unknown))}; variants: {', '.join(names)}")
+        variants = [v for v in variants if str(v["name"]) in only]
     out = []
     for v in variants:
         v = dict(v)

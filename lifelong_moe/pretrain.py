@@ -1,16 +1,26 @@
-"""Pretrain the tiny open_clip model ``lmoe-tiny-vit`` on the synthetic world, offline, in ~1 minute.
+"""Pretrain the tiny open_clip model ``lmoe-tiny-vit`` on the synthetic world, offline, in ~80 s.
 
 No pretrained weights can be downloaded here and a random CLIP has no zero-shot ability, so the
-embedded default backbone is made on the spot: contrastive image-caption training (CLIP's
-symmetric InfoNCE with a learnable logit scale) on pairs from :func:`streams.synthetic.caption_batch`.
-Short captions ("a photo of a red object.") are true of many images of a batch, so by default the
-targets are *multi-positive*: every caption true of an image (known from the scene attributes) is
-a positive, with the probability mass spread evenly (plain CLIP when all captions are distinct).
+embedded default backbone is made on the spot, in two stages:
+
+1. the image tower learns every scene attribute at once (one linear head per attribute: shape,
+   colour, digit, count, position, texture, size, style, background; heads discarded);
+2. the text tower is aligned to the locked image tower contrastively (LiT, Zhai et al. CVPR 2022)
+   on generated image-caption pairs (:func:`streams.synthetic.caption_batch`): CLIP's symmetric
+   InfoNCE with *multi-positive* targets (a short caption such as "a photo of a red object." is
+   true of many images of a batch; every true caption is a positive, known from the scene
+   attributes), plus an attribute-grouped term over one short caption per attribute value
+   (:func:`bank_loss`).
+
+Measured on 2 cores: plain contrastive training from scratch for the same minute learns colour
+but leaves shape, digit and position at chance; the two stages put every domain above chance.
+``supervised_steps=0, lock_image=False`` gives plain CLIP training.
 
 The checkpoint is cached as ``<cache>/clip/<model>-<hash>.safetensors`` (``$LIFELONG_MOE_CACHE``,
-default ``~/.cache/lifelong_moe``), loadable with ``open_clip.create_model_and_transforms(
-"lmoe-tiny-vit", pretrained=<path>)``; a JSON beside it records the config, training time and the
-zero-shot accuracy on each synthetic domain. ``python -m lifelong_moe.pretrain [--force]``.
+default ``~/.cache/lifelong_moe``; the hash covers this config, the model config, the generator
+version and the seed), loadable with ``open_clip.create_model_and_transforms("lmoe-tiny-vit",
+pretrained=<path>)``; a JSON beside it records the config, training time and the zero-shot accuracy
+on each synthetic domain. ``lifelong-moe pretrain clip [CONFIG] [key=value ...] [--force]``.
 """
 from __future__ import annotations
 
@@ -242,7 +252,7 @@ def supervise_image_tower(model, cfg: "PretrainConfig", rng: np.random.Generator
 
 
 def train_clip(model, tokenizer, cfg: PretrainConfig, progress: bool = True) -> dict:
-    """Contrastive pretraining of ``model`` in place; returns training statistics."""
+    """Both pretraining stages on ``model`` in place (see the module docstring); returns statistics."""
     from .streams.synthetic import attribute_bank, caption_batch, caption_matches
 
     torch.manual_seed(cfg.seed)

@@ -11,7 +11,7 @@ from conftest import CONFIGS
 
 pytestmark = pytest.mark.slow
 
-VARIANTS = ["zeroshot", "finetune", "lora", "lwf", "replay"]
+VARIANTS = ["zeroshot", "finetune", "lora", "lwf", "replay", "moe_adapters"]
 
 
 @pytest.fixture(scope="module")
@@ -35,14 +35,14 @@ def test_zero_shot_transfer_is_real_on_every_domain(runs):
     zs = np.asarray(runs["zeroshot"]["zero_shot"])
     ft = np.asarray(runs["finetune"]["matrix"])
     for j, a in enumerate(zs):
-        assert a >= chance(runs["zeroshot"], j) + 0.03, (j, a)
+        assert a >= chance(runs["zeroshot"], j) + 0.05, (j, a)
     assert np.diag(ft).mean() >= zs.mean() + 0.05
 
 
 def test_finetune_forgets_and_loses_transfer(runs):
     ft, zs = runs["finetune"], runs["zeroshot"]
-    assert metric(ft, "forgetting") >= 0.08
-    assert metric(ft, "mtil_transfer") < metric(zs, "mtil_transfer") - 0.01
+    assert metric(ft, "forgetting") >= 0.05
+    assert metric(ft, "mtil_transfer") < metric(zs, "mtil_transfer") - 0.005
     assert metric(zs, "forgetting") == 0.0
 
 
@@ -50,3 +50,11 @@ def test_mtil_metrics_are_computed_for_every_run(runs):
     for name in VARIANTS:
         for m in ("mtil_transfer", "mtil_avg", "mtil_last"):
             assert metric(runs[name], m) is not None, (name, m)
+
+
+def test_moe_adapters_forgets_less_and_keeps_zero_shot_transfer(runs):
+    moe, ft, zs = runs["moe_adapters"], runs["finetune"], runs["zeroshot"]
+    assert metric(moe, "forgetting") <= metric(ft, "forgetting") - 0.04
+    assert metric(moe, "mtil_transfer") >= metric(zs, "mtil_transfer") - 0.01
+    assert metric(moe, "mtil_last") >= np.diag(np.asarray(ft["matrix"])).mean() - 0.08
+    assert metric(moe, "mtil_last") >= metric(zs, "mtil_last") + 0.03  # it learned the domains
