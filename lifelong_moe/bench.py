@@ -1,4 +1,4 @@
-"""Cost of MoE-Adapters on the tiny CLIP (``lmoe-tiny-vit``, random init), CPU.
+"""Cost of MoE-Adapters on a tiny CLIP (default ``lmoe-tiny-vit-p4``, random init), CPU.
 
 ``moe_cost`` times, as interleaved repeated medians:
 
@@ -73,7 +73,8 @@ def _median_times(fns: dict, repeats: int, warmup: int) -> dict[str, float]:
     return {k: statistics.median(v) for k, v in times.items()}
 
 
-def moe_cost(experts: int = 22, k: int = 2, batch: int = 64, prompts: int = 10, infer_batch: int = 128,
+def moe_cost(experts: int = 22, k: int = 2, model: str = "lmoe-tiny-vit-p4", batch: int = 64, prompts: int = 10,
+             infer_batch: int = 128,
              repeats: int = 30, warmup: int = 5, threads: int = 2, seed: int = 0) -> dict:
     """Median seconds per training step / inference batch and the MoE-over-baseline ratios."""
     import open_clip
@@ -83,11 +84,11 @@ def moe_cost(experts: int = 22, k: int = 2, batch: int = 64, prompts: int = 10, 
     torch.set_num_threads(threads)
     torch.manual_seed(seed)
     register_model_configs()
-    base = open_clip.create_model("lmoe-tiny-vit", pretrained=None).requires_grad_(False)
+    base = open_clip.create_model(model, pretrained=None).requires_grad_(False)
     size = base.visual.image_size
     size = size if isinstance(size, int) else size[0]
     x, xi = torch.randn(batch, 3, size, size), torch.randn(infer_batch, 3, size, size)
-    tokens = open_clip.get_tokenizer("lmoe-tiny-vit")([f"a photo of a class {i}." for i in range(prompts)])
+    tokens = open_clip.get_tokenizer(model)([f"a photo of a class {i}." for i in range(prompts)])
     y = torch.randint(0, prompts, (batch,))
 
     moe = copy.deepcopy(base)
@@ -138,7 +139,7 @@ def moe_cost(experts: int = 22, k: int = 2, batch: int = 64, prompts: int = 10, 
     inference = _median_times({"moe": infer(moe), "plain": infer(base), "moe_ddas": infer(moe, True)},
                               repeats, warmup)
     return {
-        "setup": {"model": "lmoe-tiny-vit", "experts": experts, "top_k": k, "towers": ["image", "text"],
+        "setup": {"model": model, "experts": experts, "top_k": k, "towers": ["image", "text"],
                   "batch": batch, "prompts": prompts, "infer_batch": infer_batch, "repeats": repeats,
                   "threads": threads},
         "train_step_s": train, "inference_s": inference,
@@ -150,13 +151,15 @@ def moe_cost(experts: int = 22, k: int = 2, batch: int = 64, prompts: int = 10, 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="lifelong-moe bench moe", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--model", default="lmoe-tiny-vit-p4",
+                    help="open_clip model (default: the 65-token tiny ViT the reference ratios were measured on)")
     ap.add_argument("--experts", type=int, default=22)
     ap.add_argument("--top-k", type=int, default=2)
     ap.add_argument("--repeats", type=int, default=30)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--json", action="store_true", help="print the whole record as JSON")
     a = ap.parse_args(argv)
-    r = moe_cost(experts=a.experts, k=a.top_k, repeats=a.repeats, threads=a.threads)
+    r = moe_cost(experts=a.experts, k=a.top_k, model=a.model, repeats=a.repeats, threads=a.threads)
     if a.json:
         print(json.dumps(r, indent=2))
     else:
