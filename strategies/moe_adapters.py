@@ -27,7 +27,7 @@ from torch.utils.data import DataLoader, Subset
 from lifelong_moe.config import SourceSpec, Strict
 from lifelong_moe.errors import UserError
 from lifelong_moe.moe import inject_moe_adapters
-from lifelong_moe.moe.ddas import DDAS, OOD, AlexNetFeatures, ClipFeatures, fit_autoencoder
+from lifelong_moe.moe.ddas import DDAS, OOD, AlexNetFeatures, ClipFeatures, PixelFeatures, fit_autoencoder
 
 from .base import ClipStrategy, StrategyParams
 
@@ -43,7 +43,7 @@ class ThresholdParams(Strict):
 
 class DDASParams(Strict):
     enabled: bool = True
-    features: Literal["clip", "alexnet"] = "clip"
+    features: Literal["clip", "alexnet", "pixels"] = "clip"
     alexnet_weights: Optional[str] = None  # local torchvision AlexNet state dict (never downloaded)
     threshold: ThresholdParams = ThresholdParams()
     decision: Literal["sample", "batch"] = "sample"  # batch: reference; assumes single-task test batches
@@ -129,6 +129,8 @@ class Strategy(ClipStrategy):
                 return AlexNetFeatures(d.alexnet_weights)
             except (FileNotFoundError, RuntimeError) as e:
                 raise UserError(f"strategy.ddas.alexnet_weights: {e}") from None
+        if d.features == "pixels":
+            return PixelFeatures()
         return ClipFeatures(self._frozen_image_features)
 
     @torch.no_grad()

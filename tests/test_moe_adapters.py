@@ -425,3 +425,17 @@ def test_bench_moe_cost_smoke():
     assert set(r["train_step_s"]) == {"moe", "dense"} and set(r["inference_s"]) == {"moe", "plain", "moe_ddas"}
     assert r["train_ratio_vs_dense_adapter"] > 0 and r["inference_ratio_vs_plain_clip"] > 0
     assert callable(main)
+
+
+def test_pixel_features_keep_style_and_are_deterministic():
+    from lifelong_moe.moe.ddas import PixelFeatures
+
+    g = torch.Generator().manual_seed(0)
+    clean = torch.rand(4, 3, 32, 32, generator=g) * 0.1 + torch.linspace(0, 1, 32).view(1, 1, 1, 32)
+    noisy = clean + 0.3 * torch.randn(4, 3, 32, 32, generator=g)
+    f = PixelFeatures()
+    a, b = f(clean), f(noisy)
+    assert a.shape == (4, 3 * 64 + 3 * 16 + 3) and ((a > 0) & (a < 1)).all()
+    assert torch.equal(a, f(clean))
+    energy = slice(3 * 64, 3 * 64 + 3 * 16)  # the high-frequency map sees the noise
+    assert (b[:, energy].mean(1) > a[:, energy].mean(1) + 0.05).all()

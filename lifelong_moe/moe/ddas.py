@@ -189,3 +189,18 @@ class AlexNetFeatures(nn.Module):
     @torch.no_grad()
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return torch.sigmoid(self.body(x).flatten(1))
+
+
+class PixelFeatures(nn.Module):
+    """Low-level image statistics, an offline stand-in for AlexNet conv5 when no weights are at
+    hand: the 8x8 colour layout, the 4x4 map of high-frequency energy ``|x - blur3(x)|`` (noise,
+    blur, edges) and the per-channel contrast, squashed by a sigmoid. Parameter-free, so nothing
+    to download or pretrain; unlike the final CLIP embedding it keeps the style of an image."""
+
+    @torch.no_grad()
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        layout = F.adaptive_avg_pool2d(x, 8).flatten(1)
+        detail = (x - F.avg_pool2d(x, 3, stride=1, padding=1, count_include_pad=False)).abs()
+        energy = F.adaptive_avg_pool2d(detail, 4).flatten(1) * 4.0
+        contrast = x.flatten(2).std(dim=2)
+        return torch.sigmoid(torch.cat([layout, energy, contrast], dim=1))
