@@ -91,7 +91,9 @@ def create_clip(name: str, pretrained: str | None, pretrain: dict | None = None,
         if pretrained not in tags:
             raise UserError(f"backbone.pretrained: {pretrained!r} is neither an existing file nor an "
                             f"open_clip tag of {name!r} (tags: {', '.join(tags) or 'none'})")
-    logging.getLogger().setLevel(max(logging.getLogger().level, logging.ERROR))  # "no weights" chatter
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(max(level, logging.ERROR))  # "no weights" chatter
     try:
         model, _, preprocess = open_clip.create_model_and_transforms(name, pretrained=pretrained)
     except Exception as e:  # offline download failure, corrupt file, shape mismatch
@@ -101,12 +103,20 @@ def create_clip(name: str, pretrained: str | None, pretrain: dict | None = None,
                 "backbone.pretrained to a local checkpoint path.")
         raise UserError(f"could not load backbone {name!r} with pretrained={pretrained!r}: "
                         f"{type(e).__name__}: {e}.{hint}") from None
+    finally:
+        root.setLevel(level)
     tokenizer = open_clip.get_tokenizer(name)
     vis = model.visual
     size = vis.image_size if isinstance(vis.image_size, int) else vis.image_size[0]
+    return (model, tokenizer, int(size), *image_stats(model))
+
+
+def image_stats(model) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """``(mean, std)`` the image tower expects its inputs normalised with (OpenAI's by default)."""
+    vis = model.visual
     mean = getattr(vis, "image_mean", None) or (0.48145466, 0.4578275, 0.40821073)
     std = getattr(vis, "image_std", None) or (0.26862954, 0.26130258, 0.27577711)
-    return model, tokenizer, int(size), tuple(mean), tuple(std)
+    return tuple(mean), tuple(std)
 
 
 @dataclass(frozen=True)
@@ -163,15 +173,20 @@ class ClipClassifier(nn.Module):
         tokens = self.tokenizer(list(prompts)).to(self.mean.device)
         return F.normalize(self.clip.encode_text(tokens), dim=-1)
 
+    def encode_head(self, head: Head) -> torch.Tensor:
+        """Class embeddings of ``head``, uncached: mean of normalised prompt features over templates,
+        renormalised."""
+        prompts = [t.format(c) for c in head.class_names for t in head.templates]
+        feats = self.encode_prompts(prompts).view(len(head.class_names), len(head.templates), -1)
+        return F.normalize(feats.mean(dim=1), dim=-1)
+
     def text_features(self, head: Head) -> torch.Tensor:
         """Class embeddings: mean of normalised prompt features over templates, renormalised."""
         cacheable = self.cache_text and not (self.training and self.text_tower_trainable())
         if cacheable and head.key in self._text_cache:
             return self._text_cache[head.key]
-        prompts = [t.format(c) for c in head.class_names for t in head.templates]
         with torch.set_grad_enabled(torch.is_grad_enabled() and not cacheable):
-            feats = self.encode_prompts(prompts).view(len(head.class_names), len(head.templates), -1)
-            feats = F.normalize(feats.mean(dim=1), dim=-1)
+            feats = self.encode_head(head)
         if cacheable:
             feats = self._text_cache[head.key] = feats.detach()
         return feats

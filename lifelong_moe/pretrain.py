@@ -24,14 +24,13 @@ on each synthetic domain. ``lifelong-moe pretrain clip [CONFIG] [key=value ...] 
 """
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 import math
 import os
 import sys
 import time
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Sequence
 
@@ -39,10 +38,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .clip import MODEL_CONFIG_DIR, register_model_configs
-
-OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
-OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
+from .clip import MODEL_CONFIG_DIR, create_clip, image_stats, register_model_configs
+from .io import atomic_path, write_text
 
 
 @dataclass(frozen=True)
@@ -109,37 +106,9 @@ def checkpoint_path(cfg: PretrainConfig, cache_dir: str | os.PathLike | None = N
     return cache_root(cache_dir) / "clip" / f"{cfg.model}-{cache_key(cfg)}.safetensors"
 
 
-def _atomic_write(path: Path, write) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-
-
-def create_model(name: str, pretrained: str | None = None):
-    """``(model, tokenizer)`` of a registered open_clip model; ``pretrained`` a local path or None."""
-    import logging
-
-    import open_clip
-
-    register_model_configs()
-    level = logging.getLogger().level
-    logging.getLogger().setLevel(max(level, logging.ERROR))
-    try:
-        model, _, _ = open_clip.create_model_and_transforms(name, pretrained=pretrained)
-    finally:
-        logging.getLogger().setLevel(level)
-    return model, open_clip.get_tokenizer(name)
-
-
 def normalizer(model):
-    vis = model.visual
-    mean = torch.tensor(getattr(vis, "image_mean", None) or OPENAI_MEAN).view(1, 3, 1, 1)
-    std = torch.tensor(getattr(vis, "image_std", None) or OPENAI_STD).view(1, 3, 1, 1)
+    """uint8 or [0, 1] images -> the image tower's normalised input."""
+    mean, std = (torch.tensor(v).view(1, 3, 1, 1) for v in image_stats(model))
     return lambda x: ((x.float() / 255.0 if x.dtype == torch.uint8 else x.float()) - mean) / std
 
 
@@ -205,23 +174,17 @@ def bank_loss(logits: torch.Tensor, scenes: np.ndarray, bank_mentions: np.ndarra
     return torch.stack(terms).mean()
 
 
-_SUPERVISED_ATTRS = ("shape", "color", "digit", "count", "position", "texture", "size", "style", "background")
-
-
 def supervise_image_tower(model, cfg: "PretrainConfig", rng: np.random.Generator, progress: bool = True) -> dict:
     """Stage 1: the image tower learns every scene attribute at once, one linear head per attribute
     (cross-entropy, heads discarded afterwards). A ViT trained from scratch contrastively on 2 CPU
     cores for a minute learns colour but hardly shape or position; supervised attribute heads give
     every image a signal on every attribute, after which the text tower is aligned to the image
     features (stage 2, LiT: Zhai et al., "LiT: Zero-Shot Transfer with Locked-image text Tuning", CVPR 2022)."""
-    from .streams.synthetic import sample_scenes
+    from .streams.synthetic import ATTRIBUTE_VALUES, PRETRAIN_MIX, sample_scenes
     from .streams.synthetic_render import A, render
-    from .streams.synthetic import PRETRAIN_MIX
 
-    sizes = {"shape": 10, "color": 10, "digit": 10, "count": 4, "position": 9, "texture": 4, "size": 2,
-             "style": 5, "background": 3}
     dim = model.visual.output_dim
-    heads = torch.nn.ModuleDict({a: torch.nn.Linear(dim, n) for a, n in sizes.items()})
+    heads = torch.nn.ModuleDict({a: torch.nn.Linear(dim, len(v)) for a, v in ATTRIBUTE_VALUES.items()})
     params = [p for p in model.visual.parameters()] + list(heads.parameters())
     opt = torch.optim.AdamW(params, lr=cfg.supervised_lr, weight_decay=0.01)
     norm = normalizer(model)
@@ -379,7 +342,7 @@ def pretrain_clip(cfg: PretrainConfig = PretrainConfig(), *, cache_dir: str | os
     try:
         with torch.random.fork_rng(devices=[]):  # leave the caller's RNG state as it was
             torch.manual_seed(cfg.seed)  # the random init is part of what the cache key names
-            model, tokenizer = create_model(cfg.model)
+            model, tokenizer, *_ = create_clip(cfg.model, None)
             if progress:
                 print(f"pretraining {cfg.model} on the synthetic world: {cfg.steps} steps of {cfg.batch_size} "
                       f"(cache: {path})", flush=True)
@@ -393,9 +356,10 @@ def pretrain_clip(cfg: PretrainConfig = PretrainConfig(), *, cache_dir: str | os
             "generator_version": GENERATOR_VERSION, **stats, "torch_threads": cfg.threads,
             "zero_shot": {d: {"accuracy": round(a, 4), "chance": round(chance_level(d), 4)} for d, a in acc.items()}}
     # the record first, the checkpoint last: an existing checkpoint always has its record
-    _atomic_write(info_path(path), lambda tmp: tmp.write_text(json.dumps(info, indent=2) + "\n"))
+    write_text(info_path(path), json.dumps(info, indent=2) + "\n")
     state = {k: v.detach().contiguous().clone() for k, v in model.state_dict().items()}
-    _atomic_write(path, lambda tmp: save_file(state, str(tmp), metadata={"format": "pt"}))
+    with atomic_path(path) as tmp:
+        save_file(state, str(tmp), metadata={"format": "pt"})
     if progress:
         print(f"trained in {stats['train_seconds']:.1f}s; zero-shot accuracy on the synthetic domains:")
         print(format_table(acc), flush=True)
@@ -403,23 +367,10 @@ def pretrain_clip(cfg: PretrainConfig = PretrainConfig(), *, cache_dir: str | os
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m lifelong_moe.pretrain", description=__doc__.split("\n\n")[0])
-    ap.add_argument("--force", action="store_true", help="retrain even if a cached checkpoint exists")
-    ap.add_argument("--steps", type=int, help="training steps (changes the cache key)")
-    ap.add_argument("--seed", type=int, help="pretraining seed (changes the cache key)")
-    ap.add_argument("--cache-dir", help="cache root (default $LIFELONG_MOE_CACHE or ~/.cache/lifelong_moe)")
-    ap.add_argument("--quiet", action="store_true")
-    args = ap.parse_args(argv)
-    over = {k: v for k, v in (("steps", args.steps), ("seed", args.seed)) if v is not None}
-    cfg = PretrainConfig(**over)
-    path = pretrain_clip(cfg, cache_dir=args.cache_dir, force=args.force, progress=not args.quiet)
-    info = path.with_suffix(".json")
-    if not args.force and info.is_file() and not args.quiet:
-        data = json.loads(info.read_text())
-        print(f"cached checkpoint (trained in {data.get('train_seconds')}s):")
-        print(format_table({d: v["accuracy"] for d, v in data.get("zero_shot", {}).items()}))
-    print(path)
-    return 0
+    """``python -m lifelong_moe.pretrain [...]`` is ``lifelong-moe pretrain clip [...]``."""
+    from .cli import main as cli_main
+
+    return cli_main(["pretrain", "clip", *(sys.argv[1:] if argv is None else argv)])
 
 
 if __name__ == "__main__":

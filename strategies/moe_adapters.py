@@ -20,7 +20,6 @@ import contextlib
 from typing import Literal, Optional, Union
 
 import torch
-import torch.nn.functional as F
 from pydantic import Field
 from torch.utils.data import DataLoader, Subset
 
@@ -287,15 +286,13 @@ class Strategy(ClipStrategy):
         return dec.cpu(), plain
 
     def class_features(self, head, route: int) -> torch.Tensor:
-        """Class embeddings of ``head`` encoded with router ``route`` (-1: the frozen text tower);
-        the same computation as ``ClipClassifier.text_features``."""
+        """Class embeddings of ``head`` encoded with router ``route`` (-1: the frozen text tower),
+        cached per router."""
         key = (route, head.key)
         if key in self._text_feats:
             return self._text_feats[key]
         self.moe.set_task(None if route < 0 else route, towers=("text",))
-        prompts = [t.format(c) for c in head.class_names for t in head.templates]
-        feats = self.model.encode_prompts(prompts).view(len(head.class_names), len(head.templates), -1)
-        feats = F.normalize(feats.mean(dim=1), dim=-1)
+        feats = self.model.encode_head(head)
         if self.model.cache_text:
             self._text_feats[key] = feats
         return feats

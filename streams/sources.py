@@ -391,16 +391,10 @@ def load_source(dataset: str, *, root: str | Path | None, download: bool = False
 
 
 # ----------------------------------------------------------------------------- synthetic world
-def _synthetic(dataset: str, *, seed: int = 0, **_ignored) -> ClassificationData:
-    from .synthetic import load_domain
-
-    return load_domain(dataset, seed=seed)
-
-
 def _register_synthetic() -> None:
-    from .synthetic import DOMAINS
+    from .synthetic import DOMAINS, load
 
-    register_source("synthetic", _synthetic, names=[f"synthetic/{d}" for d in DOMAINS])
+    register_source("synthetic", load, names=[f"synthetic/{d}" for d in DOMAINS])
 
 
 _register_synthetic()

@@ -32,8 +32,8 @@ from .synthetic_render import (A, ATTRS, BACKGROUNDS, COLORS, COUNTS, DIGITS, PO
 
 GENERATOR_VERSION = 1  # bump whenever images or captions change (part of the pretrained-CLIP cache key)
 
-__all__ = ["GENERATOR_VERSION", "DOMAINS", "SOURCES", "load_domain", "load", "caption_batch", "caption_matches",
-           "attribute_bank",
+__all__ = ["GENERATOR_VERSION", "DOMAINS", "ATTRIBUTE_VALUES", "load_domain", "load", "caption_batch",
+           "caption_matches", "attribute_bank",
            "sample_scenes", "SceneMix", "Domain", "UnknownDomainError", "ATTRS", "SHAPES", "COLORS", "TEXTURES",
            "SIZES", "POSITIONS", "BACKGROUNDS", "STYLES", "COUNTS", "DIGITS"]
 
@@ -182,7 +182,9 @@ def caption_batch(n: int, rng: np.random.Generator, *, focus: float = 0.5, p_att
     return (images, caps, sc, ment) if return_attrs else (images, caps)
 
 
-_BANK_ATTRS = ("shape", "color", "digit", "count", "position", "texture", "size", "style", "background")
+# the value names of each describable attribute (count c is COUNTS[c - 1]), in a fixed order
+ATTRIBUTE_VALUES = {"shape": SHAPES, "color": COLORS, "digit": DIGITS, "count": COUNTS, "position": POSITIONS,
+                    "texture": TEXTURES, "size": SIZES, "style": STYLES, "background": BACKGROUNDS}
 
 
 def attribute_bank(rng: np.random.Generator | None = None) -> tuple[list[str], np.ndarray]:
@@ -191,12 +193,10 @@ def attribute_bank(rng: np.random.Generator | None = None) -> tuple[list[str], n
     pretraining batch, they give each image a signal on every attribute at once. The captions of
     one attribute share their frame (drawn anew per call), so they differ only in the value's word."""
     rng = rng or np.random.default_rng(0)
-    names = {"shape": SHAPES, "color": COLORS, "digit": DIGITS, "count": COUNTS, "position": POSITIONS,
-             "texture": TEXTURES, "size": SIZES, "style": STYLES, "background": BACKGROUNDS}
     caps, rows = [], []
-    for attr in _BANK_ATTRS:
+    for attr, names in ATTRIBUTE_VALUES.items():
         phrasing = int(rng.integers(2 ** 31))  # one frame per attribute: its captions differ in one word
-        for v in range(len(names[attr])):
+        for v in range(len(names)):
             value = v + 1 if attr == "count" else v
             row = np.full(len(ATTRS), -1, np.int64)
             row[[A["count"], A["size"], A["texture"], A["background"], A["style"]]] = [1, 0, 0, 0, 0]
@@ -320,5 +320,3 @@ def load(dataset: str, *, seed: int = 0, n_train_per_class: int = 100, n_test_pe
     generic source loaders (root, download, ...) are accepted and ignored."""
     return load_domain(dataset, seed=seed, n_train_per_class=n_train_per_class, n_test_per_class=n_test_per_class)
 
-
-SOURCES = {f"synthetic/{name}": load for name in DOMAINS}

@@ -22,12 +22,7 @@ NO_DDAS = {**SMALL, "ddas": {"enabled": False}}
 FAST_DDAS = {"iterations": 60, "batch_size": 16, "reference_data": "none"}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def digits(strategy, **over):

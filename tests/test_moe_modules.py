@@ -12,13 +12,7 @@ from lifelong_moe.moe import (BottleneckExperts, MoEAdapter, MoEAdapters, NoisyT
                               inject_moe_adapters)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Tiny tensors: one thread is faster and immune to OpenMP stalls on a shared 2-core machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
@@ -140,12 +134,18 @@ def naive_mixture(experts, h, gates):
     return sum(gates[:, i].view(-1, 1, 1) * experts.expert_forward(i, h) for i in range(experts.num_experts))
 
 
-def test_grouped_dispatch_matches_naive_loop():
+def live_experts() -> BottleneckExperts:
+    """5 experts of width 12 with every weight drawn (seed 0), so none is a no-op."""
     torch.manual_seed(0)
     ex = BottleneckExperts(12, 5, bottleneck=4, dropout=0.0)
     with torch.no_grad():
         for n in ("down_weight", "down_bias", "up_weight", "up_bias"):
             getattr(ex, n).normal_()
+    return ex
+
+
+def test_grouped_dispatch_matches_naive_loop():
+    ex = live_experts()
     h = torch.randn(7, 3, 12)
     routing = Routing(torch.stack([torch.randperm(5)[:2] for _ in range(7)]), F.softmax(torch.randn(7, 2), 1))
     for train in (False, True):
@@ -361,11 +361,7 @@ def test_noise_switch_off_makes_training_gates_deterministic():
 
 
 def test_no_grad_dispatch_by_combination_matches_naive():
-    torch.manual_seed(0)
-    ex = BottleneckExperts(12, 5, bottleneck=4, dropout=0.0)
-    with torch.no_grad():
-        for n in ("down_weight", "down_bias", "up_weight", "up_bias"):
-            getattr(ex, n).normal_()
+    ex = live_experts()
     h = torch.randn(16, 3, 12)
     pairs = torch.tensor([[1, 3], [3, 1], [0, 4]])  # order matters: [1, 3] and [3, 1] are two groups
     idx, w = pairs[torch.arange(16) % 3], F.softmax(torch.randn(16, 2), 1)
