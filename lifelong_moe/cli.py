@@ -23,18 +23,41 @@ def _print_table(rows: list[tuple[str, dict]], keys: list[str]) -> None:
 SUMMARY_KEYS = ["last", "avg_incremental", "forgetting", "bwt", "mtil_transfer", "mtil_avg", "mtil_last"]
 
 
+def _jobs_in(config: str, overrides: list[str]) -> int:
+    """``runtime.jobs`` of a config at a glance (1 when unreadable: load_config reports why)."""
+    from .config import apply_overrides, read_yaml_tree
+
+    try:
+        return int(apply_overrides(read_yaml_tree(config), list(overrides)).get("runtime", {}).get("jobs", 1))
+    except Exception:  # noqa: BLE001 - validation proper comes next
+        return 1
+
+
 def cmd_run(a) -> int:
     from .config import load_config
+    from .results import RunDir
     from .runner import output_dir, run
 
     only = [w.strip() for w in a.only.split(",") if w.strip()] if a.only else None
+    if (a.jobs if a.jobs is not None else _jobs_in(a.config, a.overrides)) > 1:
+        from .jobs import start_early
+
+        start_early()  # the workers' imports overlap the validation below
     configs = load_config(a.config, a.overrides, only=only)
     multi = len(configs) > 1 or "/" in configs[0].name
-    outs = []
-    for cfg in configs:
-        out = Path(a.output) / cfg.name.rsplit("/", 1)[-1] if (a.output and multi) else output_dir(cfg, a.output)
-        outs.append(run(cfg, out, resume=a.resume, overwrite=a.overwrite, stop_after=a.stop_after,
-                        progress=not a.quiet, log=(lambda *_: None) if a.quiet else print))
+    outs = [Path(a.output) / cfg.name.rsplit("/", 1)[-1] if (a.output and multi) else output_dir(cfg, a.output)
+            for cfg in configs]
+    options = {"resume": a.resume, "overwrite": a.overwrite, "stop_after": a.stop_after}
+    jobs = a.jobs if a.jobs is not None else configs[0].runtime.jobs
+    if jobs > 1 and len(configs) > 1:
+        from .jobs import run_parallel
+
+        for cfg, out in zip(configs, outs):  # refuse before any variant starts writing
+            RunDir(out).check_start(cfg, resume=a.resume, overwrite=a.overwrite)
+        run_parallel(a.config, a.overrides, configs, outs, jobs, options, quiet=a.quiet)
+    else:
+        for cfg, out in zip(configs, outs):
+            run(cfg, out, progress=not a.quiet, log=(lambda *_: None) if a.quiet else print, **options)
     from .results import load_record
 
     records = [(str(o), load_record(o)) for o in outs]
@@ -125,6 +148,8 @@ def parser() -> argparse.ArgumentParser:
     r.add_argument("--overwrite", action="store_true", help="replace an existing run in the output directory")
     r.add_argument("--stop-after", type=int, help="stop after this many experiences (resume later)")
     r.add_argument("--only", help="comma-separated variant names to run")
+    r.add_argument("-j", "--jobs", type=int, help="variants run at once, one process each "
+                   "(default: runtime.jobs of the config)")
     r.add_argument("-q", "--quiet", action="store_true", help="no progress bars or per-row logs")
     r.set_defaults(fn=cmd_run)
     c = sub.add_parser("compare", help="plots and a metrics table for several runs")

@@ -53,6 +53,7 @@ class SourceSpec(Strict):
     path: Optional[str] = None
     name: Optional[str] = None
     templates: Optional[list[str]] = None
+    samples_per_class: Optional[SplitSizes] = None  # this dataset's own sizes; unset fields: the stream's
 
 
 class StreamConfig(Strict):
@@ -141,6 +142,17 @@ class OutputConfig(Strict):
     checkpoints: bool = True
 
 
+class RuntimeConfig(Strict):
+    """How a run uses the machine. ``threads`` is torch's intra-op thread count for the run (None:
+    torch's default); results may differ in the last bits between thread counts, so a config that
+    sets it gives the same numbers wherever it runs. ``jobs``: variants of one file run at once, each
+    in its own process (the CLI's ``--jobs`` overrides it); set ``threads`` with it, e.g. jobs 2 x 1
+    thread on 2 cores."""
+
+    threads: Optional[int] = Field(None, ge=1)
+    jobs: int = Field(1, ge=1)
+
+
 class RunConfig(Strict):
     name: str = "run"
     seed: int = 0
@@ -150,6 +162,7 @@ class RunConfig(Strict):
     training: TrainingConfig = TrainingConfig()
     evaluation: EvaluationConfig = EvaluationConfig()
     output: OutputConfig = OutputConfig()
+    runtime: RuntimeConfig = RuntimeConfig()
     variants: Optional[list[dict[str, Any]]] = None  # each: {name: ..., <partial config>}
 
     def strategy_params(self) -> BaseModel:

@@ -19,12 +19,22 @@ class ClassificationEvaluator:
 
     def __init__(self, stream: Stream, cfg: EvaluationConfig, progress: bool = True):
         self.stream, self.cfg, self.progress = stream, cfg, progress
+        self._static: dict[tuple, float] = {}  # scores of a model that never changes (zero-shot)
 
     def score(self, strategy, row: int, col: int) -> float:
-        """Top-1 accuracy on test set ``col`` after experience ``row`` (-1: before training)."""
+        """Top-1 accuracy on test set ``col`` after experience ``row`` (-1: before training). A
+        strategy that does not train is scored once per (test set, classes in play)."""
         tasks = self.stream.tasks
         task = tasks[col]
         classes = eval_classes(tasks, row, col, self.cfg.label_space)
+        if not strategy.trains:
+            key = (id(strategy), col, tuple(classes))
+            if key not in self._static:
+                self._static[key] = self._accuracy(strategy, task, classes, col)
+            return self._static[key]
+        return self._accuracy(strategy, task, classes, col)
+
+    def _accuracy(self, strategy, task, classes, col: int) -> float:
         lut = strategy.target_lookup(task, classes)
         loader = DataLoader(self.stream.test_stream[col].dataset, batch_size=self.cfg.batch_size, shuffle=False)
         correct = total = 0

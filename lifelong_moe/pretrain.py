@@ -28,18 +28,23 @@ import hashlib
 import json
 import math
 import os
+import queue
 import sys
+import threading
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Iterator, Sequence, TypeVar
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .clip import MODEL_CONFIG_DIR, create_clip, image_stats, register_model_configs
+from .clip import MODEL_CONFIG_DIR, create_clip, encode_text, image_stats, register_model_configs
 from .io import atomic_path, write_text
+
+T = TypeVar("T")
+RECIPE_VERSION = 2  # bump when the training code changes the weights a config produces (cache key)
 
 
 @dataclass(frozen=True)
@@ -59,6 +64,7 @@ class PretrainConfig:
     multi_positive: bool = True      # every true caption of an image is a positive
     supervised_steps: int = 300      # stage 1: attribute heads on the image tower (0: plain CLIP)
     supervised_lr: float = 1e-3
+    supervised_min_lr_ratio: float = 1.0  # stage 1 cosine-decays to supervised_lr * this (1: constant)
     lock_image: bool = True          # stage 2 trains the text tower only (LiT)
     clip_weight: float = 1.0         # weight of CLIP's InfoNCE over the batch's captions
     bank_weight: float = 1.0         # weight of the attribute-grouped contrastive term (0: plain CLIP loss)
@@ -97,7 +103,7 @@ def model_config(name: str) -> dict:
 def cache_key(cfg: PretrainConfig) -> str:
     from .streams.synthetic import GENERATOR_VERSION
 
-    blob = json.dumps({"config": cfg.key_dict(), "model_cfg": model_config(cfg.model),
+    blob = json.dumps({"config": cfg.key_dict(), "model_cfg": model_config(cfg.model), "recipe": RECIPE_VERSION,
                        "generator_version": GENERATOR_VERSION, "seed": cfg.seed}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:12]
 
@@ -124,6 +130,35 @@ class CachedTokenizer:
             for t, row in zip(new, self.tokenizer(new)):
                 self.cache[t] = row
         return torch.stack([self.cache[t] for t in texts])
+
+
+def prefetched(produce: Callable[[], T], n: int, depth: int = 2) -> Iterator[T]:
+    """``produce()`` called ``n`` times in a background thread, ``depth`` batches ahead, yielded in
+    order: the numpy scene rendering (which releases the GIL) overlaps the model's step. Only the
+    producer touches its random generator, so the batches are those of a plain loop."""
+    q: queue.Queue = queue.Queue(maxsize=depth)
+
+    def work():
+        try:
+            for _ in range(n):
+                q.put((True, produce()))
+        except BaseException as e:  # handed to the consumer
+            q.put((False, e))
+
+    threading.Thread(target=work, daemon=True, name="pretrain-prefetch").start()
+    for _ in range(n):
+        ok, item = q.get()
+        if not ok:
+            raise item
+        yield item
+
+
+def _warmup_cosine(step: int, total: int, warmup: int, min_ratio: float) -> float:
+    """Learning-rate factor: linear warm-up, then cosine from 1 down to ``min_ratio``."""
+    if step < warmup:
+        return (step + 1) / warmup
+    t = (step - warmup) / max(1, total - warmup)
+    return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, t)))
 
 
 def _param_groups(model, weight_decay: float):
@@ -189,10 +224,14 @@ def supervise_image_tower(model, cfg: "PretrainConfig", rng: np.random.Generator
     opt = torch.optim.AdamW(params, lr=cfg.supervised_lr, weight_decay=0.01)
     norm = normalizer(model)
     losses = []
-    for step in range(cfg.supervised_steps):
+
+    def batch():
         scenes = sample_scenes(cfg.batch_size, rng, PRETRAIN_MIX)
-        x = norm(torch.from_numpy(render(scenes, rng, glyph_split="pretrain", rotation=PRETRAIN_MIX.rotation,
-                                         style_strength=PRETRAIN_MIX.style_strength)))
+        return scenes, render(scenes, rng, glyph_split="pretrain", rotation=PRETRAIN_MIX.rotation,
+                              style_strength=PRETRAIN_MIX.style_strength)
+
+    for step, (scenes, images) in enumerate(prefetched(batch, cfg.supervised_steps)):
+        x = norm(torch.from_numpy(images))
         feats = model.visual(x)
         terms = []
         for a, head in heads.items():
@@ -202,7 +241,8 @@ def supervise_image_tower(model, cfg: "PretrainConfig", rng: np.random.Generator
                 terms.append(F.cross_entropy(head(feats[ok]), y[ok]))
         loss = torch.stack(terms).mean()
         for g in opt.param_groups:
-            g["lr"] = cfg.supervised_lr * min(1.0, (step + 1) / max(1, cfg.warmup_steps))
+            g["lr"] = cfg.supervised_lr * _warmup_cosine(step, cfg.supervised_steps, cfg.warmup_steps,
+                                                         cfg.supervised_min_lr_ratio)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -236,23 +276,21 @@ def train_clip(model, tokenizer, cfg: PretrainConfig, progress: bool = True) -> 
             p.requires_grad_(False)
     opt = torch.optim.AdamW(_param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(0.9, 0.98), eps=1e-6)
 
-    def lr_at(step: int) -> float:
-        if step < cfg.warmup_steps:
-            return cfg.lr * (step + 1) / cfg.warmup_steps
-        t = (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps)
-        return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * t)))
-
     losses = []
-    for step in range(cfg.steps):
+
+    def batch():
         images, captions, scenes, mentions = caption_batch(cfg.batch_size, rng, focus=cfg.focus, p_attr=cfg.p_attr,
                                                            return_attrs=True)
+        bank = attribute_bank(rng) if cfg.bank_weight > 0 else ([], None)
+        return images, captions, scenes, mentions, bank
+
+    for step, (images, captions, scenes, mentions, (bank, bank_mentions)) in enumerate(prefetched(batch, cfg.steps)):
         # short captions repeat within a batch: encode each distinct caption once
         first = {c: i for i, c in reversed(list(enumerate(captions)))}
         uniq = sorted(first.values())
         distinct = [captions[i] for i in uniq]
-        bank, bank_mentions = attribute_bank(rng) if cfg.bank_weight > 0 else ([], None)
         img = F.normalize(model.encode_image(norm(torch.from_numpy(images))), dim=-1)
-        txt = F.normalize(model.encode_text(tok(distinct + bank)), dim=-1)
+        txt = F.normalize(encode_text(model, tok(distinct + bank), buckets=3), dim=-1)
         scale = model.logit_scale.exp()
         logits = scale * img @ txt[:len(distinct)].t()
         if cfg.multi_positive:
@@ -266,7 +304,7 @@ def train_clip(model, tokenizer, cfg: PretrainConfig, progress: bool = True) -> 
         if bank:
             loss = loss + cfg.bank_weight * bank_loss(scale * img @ txt[len(distinct):].t(), scenes, bank_mentions)
         for g in opt.param_groups:
-            g["lr"] = lr_at(step)
+            g["lr"] = cfg.lr * _warmup_cosine(step, cfg.steps, cfg.warmup_steps, cfg.min_lr_ratio)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -296,7 +334,7 @@ def zero_shot_accuracy(model, tokenizer, domains: Sequence[str] | None = None, s
     for name in domains or DOMAINS:
         data = load_domain(name, seed=seed, n_train_per_class=1, n_test_per_class=n_test_per_class)
         prompts = [tpl.format(c) for c in data.class_names for tpl in data.templates]
-        txt = F.normalize(model.encode_text(tokenizer(prompts)), dim=-1)
+        txt = F.normalize(encode_text(model, tokenizer(prompts)), dim=-1)
         txt = F.normalize(txt.view(len(data.class_names), len(data.templates), -1).mean(1), dim=-1)
         images, targets = data.test.images, torch.tensor(data.test_targets)
         correct = 0

@@ -99,7 +99,7 @@ class RunDir:
                                 f"this version writes {SCHEMA_VERSION}")
             saved = yaml.safe_load((self.path / "config.yaml").read_text())
             now = cfg.to_dict()
-            diff = sorted(k for k in set(saved) | set(now) if saved.get(k) != now.get(k) and k != "output")
+            diff = sorted(k for k in set(saved) | set(now) if saved.get(k) != now.get(k) and k not in ("output", "runtime"))
             if diff:
                 raise UserError(f"--resume: the configuration differs from the saved run in: {', '.join(diff)}")
             return state

@@ -7,6 +7,7 @@ killed run resumes from its last completed experience with ``resume=True``.
 """
 from __future__ import annotations
 
+import contextlib
 import random
 import time
 from pathlib import Path
@@ -55,9 +56,27 @@ def build(cfg: RunConfig, progress: bool = True):
     return stream, strategy, ClassificationEvaluator(stream, cfg.evaluation, progress)
 
 
+@contextlib.contextmanager
+def torch_threads(n: int | None):
+    """torch's intra-op thread count set to ``n`` (None: unchanged) inside the block."""
+    before = torch.get_num_threads()
+    if n:
+        torch.set_num_threads(n)
+    try:
+        yield torch.get_num_threads()
+    finally:
+        torch.set_num_threads(before)
+
+
 def run(cfg: RunConfig, out: str | Path | None = None, *, resume: bool = False, overwrite: bool = False,
         stop_after: int | None = None, progress: bool = True, log=print) -> Path:
     """Run (or resume) one configuration; return the results directory."""
+    with torch_threads(cfg.runtime.threads) as threads:
+        return _run(cfg, out, resume=resume, overwrite=overwrite, stop_after=stop_after, progress=progress,
+                    log=log, threads=threads)
+
+
+def _run(cfg: RunConfig, out, *, resume, overwrite, stop_after, progress, log, threads: int) -> Path:
     out = output_dir(cfg, out)
     run_dir = R.RunDir(out)
     state = run_dir.check_start(cfg, resume=resume, overwrite=overwrite)  # raises before any write
@@ -65,6 +84,7 @@ def run(cfg: RunConfig, out: str | Path | None = None, *, resume: bool = False, 
     stream, strategy, evaluator = build(cfg, progress)
     timings = state.get("timings") or {"setup_s": 0.0, "zero_shot_eval_s": None, "experiences": []}
     timings["setup_s"] = round(time.perf_counter() - t0, 3)
+    timings["torch_threads"] = threads
     done = len(state.get("matrix") or [])
     record = R.new_record(cfg, stream, evaluator.metric_kind, strategy.parameter_counts()) if not resume \
         else state

@@ -42,6 +42,7 @@ class StatefulPlugin:
 class ClipStrategy(SupervisedTemplate):
     Params = StrategyParams
     trains = True  # False: evaluation only (zero-shot)
+    cost_hint = 1.0  # rough wall time relative to fine-tuning; parallel variants start the costliest first
 
     def __init__(self, *, model: ClipClassifier, cfg: RunConfig, params: StrategyParams,
                  tasks: list[TaskInfo], device: str = "cpu", progress: bool = True):
@@ -90,12 +91,21 @@ class ClipStrategy(SupervisedTemplate):
         now = task.index if now is None else now
         return eval_classes(self.tasks, now, task.index, self.cfg.training.label_space)
 
-    def loss_on(self, x: torch.Tensor, y: torch.Tensor, task: TaskInfo) -> torch.Tensor:
-        """Training loss of samples ``(x, y)`` of ``task`` at the current experience (replay)."""
-        classes = self.training_classes(task, self.experience_index)
-        head = self.head_for(task, classes, self.cfg.training.prompt)
-        lut = self.target_lookup(task, classes).to(self.device)
-        return F.cross_entropy(self.model(x, head), lut[y], label_smoothing=self.cfg.training.label_smoothing)
+    def loss_on(self, groups: list[tuple[TaskInfo, torch.Tensor, torch.Tensor]]) -> torch.Tensor:
+        """Mean training loss over samples ``(task, x, y)`` of one or more tasks at the current
+        experience (replay): one image-tower pass for all of them, each group scored against its
+        own task's head."""
+        feats = self.model.encode_image(torch.cat([x for _, x, _ in groups]).to(self.device))
+        total, start = feats.new_zeros(()), 0
+        for task, _, y in groups:
+            f, start = feats[start:start + len(y)], start + len(y)
+            classes = self.training_classes(task, self.experience_index)
+            head = self.head_for(task, classes, self.cfg.training.prompt)
+            lut = self.target_lookup(task, classes).to(self.device)
+            logits = self.model.logit_scale * f @ self.model.text_features(head).t()
+            total = total + F.cross_entropy(logits, lut[y.to(self.device)],
+                                            label_smoothing=self.cfg.training.label_smoothing) * len(y)
+        return total / max(1, start)
 
     @staticmethod
     def target_lookup(task: TaskInfo, classes) -> torch.Tensor:

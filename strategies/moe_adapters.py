@@ -54,6 +54,7 @@ class DDASParams(Strict):
     lr_decay: float = Field(0.1, gt=0, le=1)
     lr_decay_epochs: int = Field(10, gt=0)
     hidden: int = Field(100, gt=0)
+    feature_cache_mb: float = Field(1024, ge=0)  # cache a task's frozen AE features up to this size
     # "general" images whose autoencoder routes to zero-shot (reference: TinyImageNet)
     reference_data: Union[Literal["none", "synthetic_pretrain"], SourceSpec] = "synthetic_pretrain"
     reference_samples: int = Field(1024, gt=0)  # synthetic_pretrain only
@@ -89,6 +90,7 @@ def freeze_choice(usage: dict, k: int) -> dict:
 
 class Strategy(ClipStrategy):
     Params = Params
+    cost_hint = 2.5  # text prompts re-encoded every step, DDAS autoencoders, per-route evaluation
 
     # ---------------------------------------------------------------- setup
     def setup(self, model) -> None:
@@ -201,17 +203,34 @@ class Strategy(ClipStrategy):
         finally:
             self.model.train(was)
 
-    def _batches(self, dataset, indices, seed: int):
-        d = self.params.ddas
-        g = torch.Generator().manual_seed(seed)
-        loader = DataLoader(Subset(dataset, indices), batch_size=d.batch_size, shuffle=True, generator=g)
+    @torch.no_grad()
+    def _features(self, dataset, indices) -> torch.Tensor:
+        """Frozen DDAS features of ``dataset[indices]``, extracted once (the image transform is
+        deterministic, so every pass over the data would see the same features)."""
+        feats = []
+        with self._eval_mode():
+            for x, *_ in DataLoader(Subset(dataset, indices), batch_size=256):
+                feats.append(self.extractor(x.to(self.device)))
+        return torch.cat(feats)
 
-        def gen():
-            while True:
-                for x, *_ in loader:
-                    with self._eval_mode():
-                        yield self.extractor(x.to(self.device))
-        return gen(), len(loader)
+    def _batches(self, dataset, indices, seed: int):
+        """Endless shuffled batches of frozen features (a seeded permutation per epoch): extracted
+        once and cached when they fit ``ddas.feature_cache_mb``, else re-extracted per batch."""
+        d = self.params.ddas
+        n, g = len(indices), torch.Generator().manual_seed(seed)
+        if n * self.ddas.dim * 4 <= d.feature_cache_mb * 2 ** 20:
+            feats = self._features(dataset, indices)
+
+            def gen():
+                while True:
+                    for rows in torch.randperm(n, generator=g).split(d.batch_size):
+                        yield feats[rows]
+        else:
+            def gen():
+                while True:
+                    for rows in torch.randperm(n, generator=g).split(d.batch_size):
+                        yield self._features(dataset, [indices[i] for i in rows.tolist()])
+        return gen(), -(-n // d.batch_size)
 
     def _fit(self, dataset, indices, iterations: int, seed: int):
         d = self.params.ddas
@@ -237,11 +256,9 @@ class Strategy(ClipStrategy):
         ae = self._fit(dataset, order, d.iterations, seed)
         self.ddas.set_task_ae(index, ae)
         if held:
-            errs = []
-            for x, *_ in DataLoader(Subset(dataset, held), batch_size=256):
-                with self._eval_mode(), torch.no_grad():
-                    errs.append(ae.errors(self.extractor(x.to(self.device))))
-            self.ddas.calibration[index] = torch.quantile(torch.cat(errs), d.threshold.quantile)
+            errs = torch.cat([ae.errors(self._features(dataset, chunk)).detach() for chunk in
+                              (held[i:i + 1024] for i in range(0, len(held), 1024))])
+            self.ddas.calibration[index] = torch.quantile(errs, d.threshold.quantile)
 
     def _reference_dataset(self):
         """The "general" images of the reference autoencoder (reference code: TinyImageNet)."""

@@ -45,13 +45,12 @@ class ReplayPlugin(SupervisedPlugin, StatefulPlugin):
         for k in pick:
             e, i = pool[k]
             by_exp.setdefault(e, []).append(i)
-        total = strategy.loss.new_zeros(())
+        groups = []
         for e, idx in by_exp.items():
             ds = strategy.train_datasets[e]
-            x = torch.stack([ds[i][0] for i in idx]).to(strategy.device)
-            y = torch.as_tensor([int(ds[i][1]) for i in idx], device=strategy.device)
-            total = total + strategy.loss_on(x, y, strategy.tasks[e]) * len(idx)
-        strategy.loss += self.p.weight * total / len(pick)
+            groups.append((strategy.tasks[e], torch.stack([ds[i][0] for i in idx]),
+                           torch.as_tensor([int(ds[i][1]) for i in idx])))
+        strategy.loss += self.p.weight * strategy.loss_on(groups)
 
     def after_training_exp(self, strategy, **kwargs):
         e = strategy.experience_index
@@ -72,6 +71,7 @@ class ReplayPlugin(SupervisedPlugin, StatefulPlugin):
 
 class Strategy(ClipStrategy):
     Params = Params
+    cost_hint = 1.4  # current and replayed mini-batches
 
     def setup(self, model) -> None:
         unfreeze_towers(model, self.params.towers)

@@ -11,3 +11,4 @@ class Params(StrategyParams):
 class Strategy(ClipStrategy):
     Params = Params
     trains = False
+    cost_hint = 0.05

@@ -68,6 +68,9 @@ def load_data(spec: SourceSpec, cfg: StreamConfig, seed: int) -> ClassificationD
     data = load_source(spec.dataset, root=data_root(cfg), download=cfg.download, seed=seed,
                        path=spec.path, test_fraction=cfg.test_fraction)
     sizes = cfg.samples_per_class
+    if spec.samples_per_class is not None:
+        own = spec.samples_per_class
+        sizes = type(sizes)(train=own.train or sizes.train, test=own.test or sizes.test)
     tr = subsample(data.train_targets, sizes.train, seed)
     te = subsample(data.test_targets, sizes.test, seed + 1)
     templates = spec.templates or data.templates

@@ -309,6 +309,21 @@ def test_ddas_ae_of_task_in_training_never_selected(domain_files):
     assert not (dec == 1).any()
 
 
+def test_ddas_cached_features_fit_the_autoencoder_of_streamed_features(domain_files):
+    """Features extracted once per task (default) or re-extracted per batch (``feature_cache_mb:
+    0``, for data too large to cache) feed the same batches to the autoencoder."""
+    fitted = []
+    for cache_mb in (1024, 0):
+        ddas = {**FAST_DDAS, "feature_cache_mb": cache_mb, "threshold": {"quantile": 0.9, "holdout": 0.25}}
+        stream, s, _ = domains(domain_files, {**SMALL, "ddas": ddas})
+        s._fit_ddas(0, stream.train_stream[0].dataset)
+        fitted.append((s.ddas.task_aes["0"].state_dict(), float(s.ddas.calibration[0])))
+    (a, tau_a), (b, tau_b) = fitted
+    assert tau_a == pytest.approx(tau_b, rel=1e-4) and tau_a > 0
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5)
+
+
 def test_ood_rows_get_exact_zero_shot_logits(ddas_run, domain_files, monkeypatch):
     stream, s, _, _, _ = ddas_run
     _, zs, _ = domains(domain_files, {"name": "zeroshot"})

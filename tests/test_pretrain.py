@@ -77,3 +77,32 @@ def test_cli_pretrain_prints_checkpoint(tmp_path, capsys):
     out = capsys.readouterr().out.strip().splitlines()[-1]
     assert out.endswith(".safetensors") and (tmp_path / "clip").is_dir() and out.startswith(str(tmp_path))
     assert main(["pretrain", "clip", "--cache-dir", str(tmp_path), "-q", "stepz=3"]) == 2
+
+
+def test_prefetched_batches_are_those_of_a_plain_loop():
+    import numpy as np
+
+    from lifelong_moe.pretrain import prefetched
+
+    a, b = np.random.default_rng(3), np.random.default_rng(3)
+    fetched = [x.copy() for x in prefetched(lambda: a.random(4), 7)]
+    plain = [b.random(4) for _ in range(7)]
+    assert len(fetched) == 7 and all((x == y).all() for x, y in zip(fetched, plain))
+
+
+def test_prefetched_hands_a_producer_error_to_the_consumer():
+    from lifelong_moe.pretrain import prefetched
+
+    n = iter(range(10))
+
+    def produce():
+        i = next(n)
+        if i == 2:
+            raise ValueError("bad batch 2")
+        return i
+
+    got = []
+    with pytest.raises(ValueError, match="bad batch 2"):
+        for x in prefetched(produce, 5):
+            got.append(x)
+    assert got == [0, 1]

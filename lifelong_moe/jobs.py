@@ -1,0 +1,89 @@
+"""Variants of one config run side by side, each in its own process (``runtime.jobs`` / ``--jobs``).
+
+On a small CPU machine a tiny model keeps two cores only half busy with one run's intra-op
+threads; two one-thread runs side by side finish a set of variants sooner. Every variant is the
+same ``runner.run`` as in a sequential run, with the config's ``runtime.threads``; so with
+``threads`` set, the numbers are the same whether the variants run one after the other or at once.
+Shared assets (the synthetic-world backbone) are prepared here first, once.
+
+Workers fork from a ``forkserver`` that has imported the framework (torch, open_clip, Avalanche:
+several seconds) but never computed, so no OpenMP state is forked; :func:`start_early` launches it
+while the parent is still loading the config.
+"""
+from __future__ import annotations
+
+import multiprocessing
+import time
+from concurrent.futures import FIRST_EXCEPTION, ProcessPoolExecutor, wait
+from pathlib import Path
+
+from .config import RunConfig
+from .registry import STRATEGIES
+
+
+PRELOAD = ["lifelong_moe.runner", "lifelong_moe.streams.builder", "lifelong_moe.evaluator",
+           *(f"lifelong_moe.strategies.{m}" for m in STRATEGIES.values())]
+
+
+def _context():
+    method = "forkserver" if "forkserver" in multiprocessing.get_all_start_methods() else "spawn"
+    ctx = multiprocessing.get_context(method)
+    if method == "forkserver":
+        ctx.set_forkserver_preload(PRELOAD)
+    return ctx
+
+
+def start_early() -> None:
+    """Start the worker server now, so its imports overlap the caller's own work."""
+    if _context().get_start_method() == "forkserver":
+        from multiprocessing import forkserver
+
+        forkserver.ensure_running()
+
+
+def prepare_assets(configs: list[RunConfig], progress: bool = True) -> None:
+    """Pretrain (or find cached) every synthetic backbone the configs name, in this process."""
+    from .clip import resolve_synthetic
+
+    seen = set()
+    for cfg in configs:
+        b = cfg.backbone
+        key = (b.name, repr(sorted((b.pretrain or {}).items())))
+        if b.pretrained == "synthetic" and key not in seen:
+            seen.add(key)
+            resolve_synthetic(b.name, b.pretrain, progress=progress)
+
+
+def cost(cfg: RunConfig) -> float:
+    from .registry import strategy_class
+
+    return strategy_class(cfg.strategy.name).cost_hint
+
+
+def _run_variant(config: str, overrides: list[str], variant: str, out: str, options: dict, quiet: bool) -> str:
+    from .config import load_config
+    from .runner import run
+
+    cfg = load_config(config, overrides, only=[variant])[0]
+    t = time.perf_counter()
+    run(cfg, out, progress=False, log=(lambda *_: None) if quiet else (lambda m: print(m, flush=True)), **options)
+    if not quiet:
+        print(f"[{cfg.name}] finished in {time.perf_counter() - t:.1f} s", flush=True)
+    return out
+
+
+def run_parallel(config: str, overrides: list[str], configs: list[RunConfig], outs: list[Path], jobs: int,
+                 options: dict, quiet: bool = False) -> None:
+    """Run ``configs`` (variants of ``config`` with ``overrides``) into ``outs``, ``jobs`` at a time,
+    costliest first. A failing variant stops the others from starting and re-raises here."""
+    prepare_assets(configs, progress=not quiet)
+    order = sorted(range(len(configs)), key=lambda i: -cost(configs[i]))  # stable: config order on ties
+    with ProcessPoolExecutor(max_workers=min(jobs, len(configs)), mp_context=_context()) as pool:
+        futures = [pool.submit(_run_variant, config, list(overrides), configs[i].name.rsplit("/", 1)[-1],
+                               str(outs[i]), options, quiet) for i in order]
+        done, pending = wait(futures, return_when=FIRST_EXCEPTION)
+        for f in pending:
+            f.cancel()
+        for f in futures:
+            if f.done() and not f.cancelled() and f.exception() is not None:
+                raise f.exception()
