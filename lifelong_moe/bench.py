@@ -6,8 +6,11 @@
   adapted text tower, CE, backward, AdamW step) with MoE-Adapters (``experts`` per block, top-``k``,
   both towers, noisy per-task router) against the floor: one dense bottleneck adapter per block in
   the same towers, same width;
-- inference of ``infer_batch`` images with a task's router against plain CLIP; and the same with a
-  DDAS decision on frozen-CLIP features in front (an extra frozen forward plus the autoencoders).
+- inference of ``infer_batch`` images with a task's router against plain CLIP, against the same
+  dense-adapter floor, and against one dense adapter of width ``k * bottleneck`` (exactly the
+  arithmetic of ``k`` experts: that ratio is the pure cost of routing and dispatch); and MoE
+  inference with a DDAS decision on frozen-CLIP features in front (an extra frozen forward plus
+  the autoencoders).
 
 ``python -m lifelong_moe.bench`` prints the ratios (the CLI exposes it as ``lifelong-moe bench moe``).
 """
@@ -49,6 +52,7 @@ class _Adapter(nn.Module):
 
 
 def inject_dense(model: nn.Module, towers=("image", "text"), bottleneck: int = 64) -> list[nn.Parameter]:
+    """One zero-initialised bottleneck adapter per block of ``towers`` (in place); its parameters."""
     blocks = []
     if "image" in towers:
         blocks += list(model.visual.transformer.resblocks)
@@ -100,6 +104,10 @@ def moe_cost(experts: int = 22, k: int = 2, model: str = "lmoe-tiny-vit-p4", bat
             p.normal_(0, 0.02)
     dense = copy.deepcopy(base)
     dense_params = inject_dense(dense)
+    dense_k = copy.deepcopy(base)  # the arithmetic of k experts in one dense adapter
+    with torch.no_grad():
+        for p in inject_dense(dense_k, bottleneck=k * 64) + dense_params:
+            p.normal_(0, 0.02)
     opts = {"moe": torch.optim.AdamW(handle.parameters(), lr=1e-4),
             "dense": torch.optim.AdamW(dense_params, lr=1e-4)}
     scale = base.logit_scale.exp().detach()
@@ -136,8 +144,8 @@ def moe_cost(experts: int = 22, k: int = 2, model: str = "lmoe-tiny-vit-p4", bat
         return run
 
     handle.set_task(0)
-    inference = _median_times({"moe": infer(moe), "plain": infer(base), "moe_ddas": infer(moe, True)},
-                              repeats, warmup)
+    inference = _median_times({"moe": infer(moe), "plain": infer(base), "dense": infer(dense),
+                               "dense_k": infer(dense_k), "moe_ddas": infer(moe, True)}, repeats, warmup)
     return {
         "setup": {"model": model, "experts": experts, "top_k": k, "towers": ["image", "text"],
                   "batch": batch, "prompts": prompts, "infer_batch": infer_batch, "repeats": repeats,
@@ -145,6 +153,8 @@ def moe_cost(experts: int = 22, k: int = 2, model: str = "lmoe-tiny-vit-p4", bat
         "train_step_s": train, "inference_s": inference,
         "train_ratio_vs_dense_adapter": train["moe"] / train["dense"],
         "inference_ratio_vs_plain_clip": inference["moe"] / inference["plain"],
+        "inference_ratio_vs_dense_adapter": inference["moe"] / inference["dense"],
+        "inference_ratio_vs_dense_k_width": inference["moe"] / inference["dense_k"],
         "inference_with_ddas_ratio_vs_plain_clip": inference["moe_ddas"] / inference["plain"],
     }
 
@@ -168,6 +178,9 @@ def main(argv: list[str] | None = None) -> int:
               f"-> {r['train_ratio_vs_dense_adapter']:.2f}x (reference code: 1.55x)")
         print(f"inference ({r['setup']['infer_batch']} images): MoE {i['moe'] * 1e3:.1f} ms, plain CLIP "
               f"{i['plain'] * 1e3:.1f} ms -> {r['inference_ratio_vs_plain_clip']:.2f}x (reference code: 1.2x)")
+        print(f"inference vs the dense-adapter floor ({i['dense'] * 1e3:.1f} ms): "
+              f"{r['inference_ratio_vs_dense_adapter']:.2f}x; vs one dense adapter of width k*64, the same "
+              f"arithmetic as k experts ({i['dense_k'] * 1e3:.1f} ms): {r['inference_ratio_vs_dense_k_width']:.2f}x")
         print(f"inference with a DDAS decision (frozen-CLIP features): {i['moe_ddas'] * 1e3:.1f} ms "
               f"-> {r['inference_with_ddas_ratio_vs_plain_clip']:.2f}x")
     return 0

@@ -38,6 +38,7 @@ class ThresholdParams(Strict):
     value: float = Field(0.0655, gt=0)  # fixed mode (reference full shot; few shot 0.06)
     quantile: float = Field(0.95, gt=0, le=1)  # calibrated mode: of held-out in-distribution errors
     holdout: float = Field(0.1, gt=0, lt=1)  # calibrated mode: fraction of each task's train data held out
+    scope: Literal["global", "task"] = "global"  # calibrated: one tau (max over tasks) or each task its own
 
 
 class DDASParams(Strict):
@@ -282,10 +283,12 @@ class Strategy(ClipStrategy):
                            seed=self.cfg.seed, path=spec.path, test_fraction=self.cfg.stream.test_fraction)
         return prepare(data.train, data.train_targets, transform)
 
-    def threshold(self) -> float | None:
+    def threshold(self) -> float | dict[int, float] | None:
         d = self.params.ddas
         if d.threshold.mode == "fixed":
             return d.threshold.value
+        if d.threshold.scope == "task":
+            return self.ddas.task_thresholds(self.trained_tasks())
         return self.ddas.calibrated_threshold(self.trained_tasks())
 
     def trained_tasks(self) -> list[int]:
@@ -361,6 +364,7 @@ class Strategy(ClipStrategy):
             return out
 
         thr = self.threshold() if self.ddas is not None else None
+        thr = {names[t]: v for t, v in thr.items()} if isinstance(thr, dict) else thr
         return {"moe_adapters": {
             "ddas": {"enabled": self.ddas is not None, "decision": self.params.ddas.decision,
                      "threshold": thr, "threshold_mode": self.params.ddas.threshold.mode,

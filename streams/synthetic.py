@@ -30,7 +30,7 @@ from ..errors import UserError
 from .synthetic_render import (A, ATTRS, BACKGROUNDS, COLORS, COUNTS, DIGITS, POSITIONS, SHAPE_PLURALS, SHAPES,
                                SIZES, STYLES, TEXTURES, render)
 
-GENERATOR_VERSION = 1  # bump whenever images or captions change (part of the pretrained-CLIP cache key)
+GENERATOR_VERSION = 2  # bump whenever images or captions change (part of the pretrained-CLIP cache key)
 
 __all__ = ["GENERATOR_VERSION", "DOMAINS", "ATTRIBUTE_VALUES", "load_domain", "load", "caption_batch",
            "caption_matches", "attribute_bank",
@@ -53,7 +53,7 @@ class SceneMix:
     colors: tuple[int, ...] = tuple(range(len(COLORS)))
     textures: tuple[float, ...] = (0.4, 0.2, 0.2, 0.2)
     sizes: tuple[float, ...] = (0.5, 0.5)
-    backgrounds: tuple[float, ...] = (0.6, 0.25, 0.15)
+    backgrounds: tuple[float, ...] = (0.4, 0.15, 0.15, 0.15, 0.15)
     styles: tuple[float, ...] = (0.72, 0.07, 0.07, 0.07, 0.07)
     style_strength: tuple[float, float] = (0.8, 1.2)
     rotation: float = 12.0
@@ -234,24 +234,32 @@ def _styled(style: int, strength=(1.0, 1.3), **kw) -> SceneMix:
     return SceneMix(styles=tuple(probs), style_strength=strength, **kw)
 
 
+def _backdrop(name: str) -> tuple[float, ...]:
+    """A domain's own background: like a real dataset's look, it tells its images apart from
+    other domains' (what DDAS's autoencoders key on) without saying anything about the class."""
+    return tuple(float(b == name) for b in BACKGROUNDS)
+
+
 _FINE = list(itertools.product(range(8), range(8)))  # (shape, color)
 _DOMAINS = [
-    _one("shapes", "shape", SHAPES, "a photo of a {}.", _styled(1, p_group=0.0),
-         description="which shape (noisy)"),
+    _one("shapes", "shape", SHAPES, "a photo of a {}.", _styled(1, p_group=0.0, backgrounds=_backdrop("black")),
+         description="which shape (noisy, black backdrop)"),
     _one("colors", "color", COLORS, "a photo of a {} object.", _styled(2), description="which colour (blurry)"),
-    _one("digits", "digit", DIGITS, "a photo of a digit {}.", _styled(1), description="which digit (noisy)"),
+    _one("digits", "digit", DIGITS, "a photo of a digit {}.", _styled(1, backgrounds=_backdrop("dark blue")),
+         description="which digit (noisy, dark blue backdrop)"),
     _one("counts", "count", [f"{c} object" + ("s" if i else "") for i, c in enumerate(COUNTS)], "a photo of {}.",
-         _styled(0, backgrounds=(0.2, 0.4, 0.4)), values=[1, 2, 3, 4], description="how many objects"),
+         _styled(0, backgrounds=_backdrop("gray")), values=[1, 2, 3, 4], description="how many objects (gray backdrop)"),
     _one("positions", "position", POSITIONS, "a photo of an object in the {}.", _styled(2),
          fixed={"count": 1}, description="where the object is (blurry)"),
-    _one("textures", "texture", TEXTURES, "a photo of a {} object.", _styled(0, backgrounds=(0.2, 0.5, 0.3)),
+    _one("textures", "texture", TEXTURES, "a photo of a {} object.", _styled(0, backgrounds=(0.2, 0.5, 0.3, 0, 0)),
          fixed={"count": 1, "size": 1}, description="which fill pattern"),
     Domain("fine", ("shape", "color"), tuple(_FINE),
            tuple(f"{COLORS[c]} {SHAPES[s]}" for s, c in _FINE), "a photo of a {}.",
-           _styled(0, backgrounds=(0.2, 0.6, 0.2), rotation=20.0), {"count": 1},
-           "shape and colour, 64 classes"),
-    _one("styles", "style", STYLES, "a photo in {} style.", SceneMix(style_strength=(1.0, 1.4)),
-         description="which rendering style"),
+           _styled(0, backgrounds=_backdrop("dark red"), rotation=20.0), {"count": 1},
+           "shape and colour, 64 classes (dark red backdrop)"),
+    _one("styles", "style", STYLES, "a photo in {} style.",
+         SceneMix(style_strength=(1.0, 1.4), backgrounds=_backdrop("dark green")),
+         description="which rendering style (dark green backdrop)"),
 ]
 DOMAINS: list[str] = [d.name for d in _DOMAINS]
 _BY_NAME = {d.name: d for d in _DOMAINS}

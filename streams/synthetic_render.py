@@ -22,8 +22,9 @@ _RGB = np.array([[230, 35, 35], [255, 140, 0], [240, 230, 40], [30, 170, 50], [4
 TEXTURES = ["solid", "striped", "dotted", "checkered"]
 SIZES = ["small", "large"]
 POSITIONS = ["top left", "top", "top right", "left", "center", "right", "bottom left", "bottom", "bottom right"]
-BACKGROUNDS = ["black", "gray", "dark blue"]
-_BG_RGB = np.array([[0.04, 0.04, 0.04], [0.36, 0.36, 0.36], [0.05, 0.06, 0.32]], np.float32)
+BACKGROUNDS = ["black", "gray", "dark blue", "dark green", "dark red"]
+_BG_RGB = np.array([[0.04, 0.04, 0.04], [0.36, 0.36, 0.36], [0.05, 0.06, 0.32], [0.04, 0.22, 0.07],
+                    [0.30, 0.04, 0.05]], np.float32)
 STYLES = ["clean", "noisy", "blurry", "inverted", "outlined"]
 COUNTS = ["one", "two", "three", "four"]  # count c is COUNTS[c - 1]
 DIGITS = [str(d) for d in range(10)]

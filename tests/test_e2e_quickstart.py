@@ -58,3 +58,16 @@ def test_moe_adapters_forgets_less_and_keeps_zero_shot_transfer(runs):
     assert metric(moe, "mtil_transfer") >= metric(zs, "mtil_transfer") - 0.01
     assert metric(moe, "mtil_last") >= np.diag(np.asarray(ft["matrix"])).mean() - 0.08
     assert metric(moe, "mtil_last") >= metric(zs, "mtil_last") + 0.03  # it learned the domains
+
+
+def test_ddas_picks_trained_tasks_and_sends_new_domains_to_zero_shot(runs):
+    """MoE-Adapters' task selector on the toy MTIL: a trained domain's test images mostly go to its
+    own router, a domain not yet trained mostly goes to the zero-shot CLIP (the paper's DDAS)."""
+    sel = runs["moe_adapters"]["extra"]["moe_adapters"]["ddas"]["selection"]
+    rows = [r for r in sel if r != "-1"]
+    seen = [sel[r][t]["accuracy"] for r in rows for t in sel[r] if sel[r][t]["expected"] != "ood"]
+    new = [sel[r][t]["ood_rate"] for r in rows for t in sel[r] if sel[r][t]["expected"] == "ood"]
+    assert len(seen) == 15 and len(new) == 10
+    assert np.mean(seen) >= 0.7, seen
+    assert np.mean(new) >= 0.6, new
+    assert all(v["ood_rate"] == 1.0 for v in sel["-1"].values())  # nothing trained: all zero-shot

@@ -263,6 +263,18 @@ def test_ddas_future_task_autoencoders_do_not_take_part(ddas):
     assert (DDAS(24).decide(data["a"][64:], [0], None) == OOD).all()  # no AE at all
 
 
+def test_per_task_thresholds_judge_the_winning_task_by_its_own_tau(ddas):
+    d, data = ddas
+    err_a = d.errors(data["a"][64:], [0])[0][:, 1]
+    err_b = d.errors(data["b"][64:], [1])[0][:, 1]
+    tight_a = {0: float(err_a.min()) * 0.99, 1: float(err_b.max()) * 1.01}
+    assert (d.decide(data["a"][64:], [0, 1], tight_a) == OOD).all()  # a's own tau rejects a
+    assert (d.decide(data["b"][64:], [0, 1], tight_a) == 1).all()  # b's tau accepts b
+    assert (d.decide(data["a"][64:], [0, 1], {1: 0.0}) == 0).all()  # no tau for task 0: never falls back
+    d.calibration = torch.tensor([0.02, float("nan"), 0.9])
+    assert d.task_thresholds([0, 1]) == {0: pytest.approx(0.02)}
+
+
 def test_calibrated_threshold_is_max_of_task_quantiles():
     d = DDAS(4, num_tasks=3)
     assert d.calibrated_threshold([0, 1]) is None

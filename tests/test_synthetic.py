@@ -86,3 +86,17 @@ def test_styles_change_the_image():
     clean = imgs[0]
     for s in range(1, len(S.STYLES)):
         assert np.abs(imgs[s] - clean).mean() > 5, S.STYLES[s]
+
+
+def test_quickstart_domains_each_have_their_own_backdrop():
+    """Like real datasets, each domain of the toy MTIL has its own look (here its background),
+    independent of the class: what DDAS's autoencoders can key on."""
+    names = ["shapes", "counts", "styles", "digits", "fine"]
+    backdrops = [int(np.argmax(S.get_domain(n).mix.backgrounds)) for n in names]
+    assert len(set(backdrops)) == len(names)
+    for n, b in zip(names, backdrops):
+        assert np.flatnonzero(S.get_domain(n).mix.backgrounds).tolist() == [b]
+    data = S.load_domain("counts", n_train_per_class=5, n_test_per_class=2)
+    corner = data.train.images[:, :, 0, 0].float() / 255  # top-left pixel: mostly background (clean style)
+    gray = torch.full((3,), 0.36)
+    assert ((corner - gray).abs().max(dim=1).values < 0.05).float().mean() >= 0.8

@@ -93,6 +93,11 @@ class DDAS(nn.Module):
         vals = [v for v in vals if not torch.isnan(v)]
         return float(torch.stack(vals).max()) if vals else None
 
+    def task_thresholds(self, tasks) -> dict[int, float]:
+        """tau_t = task t's own held-out error quantile, for the calibrated tasks among ``tasks``."""
+        return {int(t): float(self.calibration[t]) for t in tasks
+                if t < len(self.calibration) and not torch.isnan(self.calibration[t])}
+
     @torch.no_grad()
     def errors(self, feats: torch.Tensor, active) -> tuple[torch.Tensor, list[int]]:
         """Errors [B, S] of the participating slots and their labels (task index, or OOD for the
@@ -104,11 +109,12 @@ class DDAS(nn.Module):
         return torch.stack([ae.errors(feats) for _, ae in slots], dim=1), [s for s, _ in slots]
 
     @torch.no_grad()
-    def decide(self, feats: torch.Tensor, active, threshold: float | None,
+    def decide(self, feats: torch.Tensor, active, threshold: float | dict[int, float] | None,
                mode: str = "sample") -> torch.Tensor:
         """Task index per sample (LongTensor [B]), OOD (-1) for the reference slot or an error above
-        ``threshold``. ``mode="batch"``: one decision for the whole batch from the batch-mean errors
-        (the reference; assumes single-task test batches)."""
+        ``threshold``: one tau for every task, or ``{task: tau_t}`` (the winning task's own; a task
+        without one never falls back). ``mode="batch"``: one decision for the whole batch from the
+        batch-mean errors (the reference; assumes single-task test batches)."""
         B = feats.shape[0]
         err, labels = self.errors(feats, active)
         if not labels:
@@ -117,7 +123,10 @@ class DDAS(nn.Module):
             err = err.mean(dim=0, keepdim=True)
         best, arg = err.min(dim=1)
         out = torch.as_tensor(labels, device=feats.device)[arg]
-        if threshold is not None:
+        if isinstance(threshold, dict):
+            tau = torch.tensor([threshold.get(s, float("inf")) for s in labels], device=feats.device)
+            out = torch.where(best > tau[arg], torch.full_like(out, OOD), out)
+        elif threshold is not None:
             out = torch.where(best > threshold, torch.full_like(out, OOD), out)
         return out.expand(B).clone() if mode == "batch" else out
 
