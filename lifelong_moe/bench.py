@@ -81,18 +81,16 @@ def moe_cost(experts: int = 22, k: int = 2, model: str = "lmoe-tiny-vit-p4", bat
              infer_batch: int = 128,
              repeats: int = 30, warmup: int = 5, threads: int = 2, seed: int = 0) -> dict:
     """Median seconds per training step / inference batch and the MoE-over-baseline ratios."""
-    import open_clip
-
-    from .clip import register_model_configs
+    from .clip import create_clip
 
     torch.set_num_threads(threads)
     torch.manual_seed(seed)
-    register_model_configs()
-    base = open_clip.create_model(model, pretrained=None).requires_grad_(False)
+    base, tokenizer, *_ = create_clip(model, None)
+    base.requires_grad_(False)
     size = base.visual.image_size
     size = size if isinstance(size, int) else size[0]
     x, xi = torch.randn(batch, 3, size, size), torch.randn(infer_batch, 3, size, size)
-    tokens = open_clip.get_tokenizer(model)([f"a photo of a class {i}." for i in range(prompts)])
+    tokens = tokenizer([f"a photo of a class {i}." for i in range(prompts)])
     y = torch.randint(0, prompts, (batch,))
 
     moe = copy.deepcopy(base)

@@ -444,8 +444,12 @@ def test_bench_moe_cost_smoke():
     from lifelong_moe.bench import main, moe_cost
 
     r = moe_cost(experts=4, batch=4, prompts=3, infer_batch=8, repeats=1, warmup=0, threads=1)
-    assert set(r["train_step_s"]) == {"moe", "dense"} and set(r["inference_s"]) == {"moe", "plain", "moe_ddas"}
-    assert r["train_ratio_vs_dense_adapter"] > 0 and r["inference_ratio_vs_plain_clip"] > 0
+    assert set(r["train_step_s"]) == {"moe", "dense"}
+    assert set(r["inference_s"]) == {"moe", "plain", "dense", "dense_k", "moe_ddas"}
+    for k in ("train_ratio_vs_dense_adapter", "inference_ratio_vs_plain_clip", "inference_ratio_vs_dense_adapter",
+              "inference_ratio_vs_dense_k_width"):
+        assert r[k] == pytest.approx(r[k]) and r[k] > 0, k  # finite, positive
+    assert r["inference_ratio_vs_dense_adapter"] == pytest.approx(r["inference_s"]["moe"] / r["inference_s"]["dense"])
     assert callable(main)
 
 
