@@ -15,9 +15,11 @@ from __future__ import annotations
 import multiprocessing
 import time
 from concurrent.futures import FIRST_EXCEPTION, ProcessPoolExecutor, wait
+from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
 
 from .config import RunConfig
+from .errors import UserError
 from .registry import STRATEGIES
 
 
@@ -86,4 +88,8 @@ def run_parallel(config: str, overrides: list[str], configs: list[RunConfig], ou
             f.cancel()
         for f in futures:
             if f.done() and not f.cancelled() and f.exception() is not None:
+                if isinstance(f.exception(), BrokenProcessPool):
+                    raise UserError("a variant's worker process died without a Python error (out of memory, "
+                                    "or killed); finished variants are kept: rerun with --jobs 1 "
+                                    "(and --resume for a stopped one) to see which") from None
                 raise f.exception()

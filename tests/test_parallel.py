@@ -84,3 +84,18 @@ def test_static_scores_follow_the_classes_in_play(tmp_path, monkeypatch):
     # class-incremental: after experience 2 the first test set competes with all ten classes
     assert len(calls) == len(set(calls)) and {len(k) for i, k in calls if i == 0} == {5, 10}
     assert r["matrix"][1][0] <= r["matrix"][0][0]
+
+
+def test_a_dead_worker_is_one_clear_error(tmp_path, capsys, monkeypatch):
+    from lifelong_moe import jobs
+
+    monkeypatch.setattr(jobs, "_run_variant", _die)  # submitted by reference: the workers run _die
+    cfg = write(tmp_path / "par.yaml", CONFIG)
+    assert main(["run", str(cfg), "-o", str(tmp_path / "r"), "-q", "--jobs", "2"]) == 2
+    assert "worker process died" in capsys.readouterr().err
+
+
+def _die(*args, **kwargs):
+    import os
+
+    os._exit(9)
