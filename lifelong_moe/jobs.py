@@ -80,6 +80,9 @@ def run_parallel(config: str, overrides: list[str], configs: list[RunConfig], ou
     costliest first. A failing variant stops the others from starting and re-raises here."""
     prepare_assets(configs, progress=not quiet)
     order = sorted(range(len(configs)), key=lambda i: -cost(configs[i]))  # stable: config order on ties
+    if not quiet:
+        print(f"running {len(configs)} variants, {min(jobs, len(configs))} at a time in separate processes "
+              f"(runtime.jobs / --jobs; --jobs 1 runs them one after the other with progress bars)", flush=True)
     with ProcessPoolExecutor(max_workers=min(jobs, len(configs)), mp_context=_context()) as pool:
         futures = [pool.submit(_run_variant, config, list(overrides), configs[i].name.rsplit("/", 1)[-1],
                                str(outs[i]), options, quiet) for i in order]
