@@ -131,24 +131,25 @@ def encode_text(clip: nn.Module, tokens: torch.Tensor, buckets: int = 1) -> torc
     if (getattr(clip, "text_pool_type", None) != "argmax" or not isinstance(mask, torch.Tensor)
             or not hasattr(clip, "token_embedding") or tokens.shape[0] == 0):
         return clip.encode_text(tokens)
-    lengths = tokens.argmax(dim=-1) + 1
-    cast = clip.transformer.get_cast_dtype()
-    groups = [None] if buckets <= 1 else lengths.argsort().tensor_split(min(buckets, tokens.shape[0]))
+    if buckets <= 1:
+        return _encode_text_trimmed(clip, tokens)
     out = None
-    for rows in groups:
-        t = tokens if rows is None else tokens[rows]
-        n = int(lengths.max() if rows is None else lengths[rows].max())
-        t = t[:, :n]
-        x = clip.token_embedding(t).to(cast) + clip.positional_embedding[:n].to(cast)
-        x = clip.ln_final(clip.transformer(x, attn_mask=mask[:n, :n]))
-        x = x[torch.arange(x.shape[0], device=x.device), t.argmax(dim=-1)]
-        proj = clip.text_projection
-        x = x if proj is None else (proj(x) if isinstance(proj, nn.Linear) else x @ proj)
-        if rows is None:
-            return x
-        out = x.new_empty(tokens.shape[0], x.shape[1]) if out is None else out
-        out = out.index_copy(0, rows, x)
+    for rows in tokens.argmax(dim=-1).argsort().tensor_split(min(buckets, tokens.shape[0])):
+        x = _encode_text_trimmed(clip, tokens[rows])
+        out = (x.new_empty(tokens.shape[0], x.shape[1]) if out is None else out).index_copy(0, rows, x)
     return out
+
+
+def _encode_text_trimmed(clip: nn.Module, tokens: torch.Tensor) -> torch.Tensor:
+    """open_clip's ``CLIP.encode_text`` on the first ``max(EOT) + 1`` positions only."""
+    n = int(tokens.argmax(dim=-1).max()) + 1
+    t = tokens[:, :n]
+    cast = clip.transformer.get_cast_dtype()
+    x = clip.token_embedding(t).to(cast) + clip.positional_embedding[:n].to(cast)
+    x = clip.ln_final(clip.transformer(x, attn_mask=clip.attn_mask[:n, :n]))
+    x = x[torch.arange(x.shape[0], device=x.device), t.argmax(dim=-1)]
+    proj = clip.text_projection
+    return x if proj is None else (proj(x) if isinstance(proj, nn.Linear) else x @ proj)
 
 
 @dataclass(frozen=True)

@@ -47,12 +47,8 @@ def prepare_assets(configs: list[RunConfig], progress: bool = True) -> None:
     """Pretrain (or find cached) every synthetic backbone the configs name, in this process."""
     from .clip import resolve_synthetic
 
-    seen = set()
-    for cfg in configs:
-        b = cfg.backbone
-        key = (b.name, repr(sorted((b.pretrain or {}).items())))
-        if b.pretrained == "synthetic" and key not in seen:
-            seen.add(key)
+    for b in (cfg.backbone for cfg in configs):
+        if b.pretrained == "synthetic":  # trains on the first call, finds the cached file after
             resolve_synthetic(b.name, b.pretrain, progress=progress)
 
 
@@ -86,7 +82,7 @@ def run_parallel(config: str, overrides: list[str], configs: list[RunConfig], ou
     with ProcessPoolExecutor(max_workers=min(jobs, len(configs)), mp_context=_context()) as pool:
         futures = [pool.submit(_run_variant, config, list(overrides), configs[i].name.rsplit("/", 1)[-1],
                                str(outs[i]), options, quiet) for i in order]
-        done, pending = wait(futures, return_when=FIRST_EXCEPTION)
+        _, pending = wait(futures, return_when=FIRST_EXCEPTION)
         for f in pending:
             f.cancel()
         for f in futures:

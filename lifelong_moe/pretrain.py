@@ -42,6 +42,7 @@ import torch.nn.functional as F
 
 from .clip import MODEL_CONFIG_DIR, create_clip, encode_text, image_stats, register_model_configs
 from .io import atomic_path, write_text
+from .threads import torch_threads
 
 T = TypeVar("T")
 RECIPE_VERSION = 2  # bump when the training code changes the weights a config produces (cache key)
@@ -375,19 +376,15 @@ def pretrain_clip(cfg: PretrainConfig = PretrainConfig(), *, cache_dir: str | os
         return path
     from safetensors.torch import save_file
 
-    threads = torch.get_num_threads()
-    torch.set_num_threads(cfg.threads)
-    try:
-        with torch.random.fork_rng(devices=[]):  # leave the caller's RNG state as it was
-            torch.manual_seed(cfg.seed)  # the random init is part of what the cache key names
-            model, tokenizer, *_ = create_clip(cfg.model, None)
-            if progress:
-                print(f"pretraining {cfg.model} on the synthetic world: {cfg.steps} steps of {cfg.batch_size} "
-                      f"(cache: {path})", flush=True)
-            stats = train_clip(model, tokenizer, cfg, progress)
-            acc = zero_shot_accuracy(model, tokenizer, seed=cfg.eval_seed, n_test_per_class=cfg.eval_test_per_class)
-    finally:
-        torch.set_num_threads(threads)
+    # the caller's thread count and RNG state are left as they were
+    with torch_threads(cfg.threads), torch.random.fork_rng(devices=[]):
+        torch.manual_seed(cfg.seed)  # the random init is part of what the cache key names
+        model, tokenizer, *_ = create_clip(cfg.model, None)
+        if progress:
+            print(f"pretraining {cfg.model} on the synthetic world: {cfg.steps} steps of {cfg.batch_size} "
+                  f"(cache: {path})", flush=True)
+        stats = train_clip(model, tokenizer, cfg, progress)
+        acc = zero_shot_accuracy(model, tokenizer, seed=cfg.eval_seed, n_test_per_class=cfg.eval_test_per_class)
     from .streams.synthetic import GENERATOR_VERSION
 
     info = {"model": cfg.model, "checkpoint": path.name, "config": asdict(cfg), "model_cfg": model_config(cfg.model),

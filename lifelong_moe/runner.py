@@ -7,7 +7,6 @@ killed run resumes from its last completed experience with ``resume=True``.
 """
 from __future__ import annotations
 
-import contextlib
 import random
 import time
 from pathlib import Path
@@ -21,6 +20,7 @@ from .config import RunConfig
 from .errors import UserError
 from .evaluator import ClassificationEvaluator
 from .registry import strategy_class
+from .threads import torch_threads
 
 
 def seed_everything(seed: int) -> None:
@@ -56,27 +56,14 @@ def build(cfg: RunConfig, progress: bool = True):
     return stream, strategy, ClassificationEvaluator(stream, cfg.evaluation, progress)
 
 
-@contextlib.contextmanager
-def torch_threads(n: int | None):
-    """torch's intra-op thread count set to ``n`` (None: unchanged) inside the block."""
-    before = torch.get_num_threads()
-    if n:
-        torch.set_num_threads(n)
-    try:
-        yield torch.get_num_threads()
-    finally:
-        torch.set_num_threads(before)
-
-
 def run(cfg: RunConfig, out: str | Path | None = None, *, resume: bool = False, overwrite: bool = False,
         stop_after: int | None = None, progress: bool = True, log=print) -> Path:
     """Run (or resume) one configuration; return the results directory."""
-    with torch_threads(cfg.runtime.threads) as threads:
-        return _run(cfg, out, resume=resume, overwrite=overwrite, stop_after=stop_after, progress=progress,
-                    log=log, threads=threads)
+    with torch_threads(cfg.runtime.threads):
+        return _run(cfg, out, resume=resume, overwrite=overwrite, stop_after=stop_after, progress=progress, log=log)
 
 
-def _run(cfg: RunConfig, out, *, resume, overwrite, stop_after, progress, log, threads: int) -> Path:
+def _run(cfg: RunConfig, out, *, resume, overwrite, stop_after, progress, log) -> Path:
     out = output_dir(cfg, out)
     run_dir = R.RunDir(out)
     state = run_dir.check_start(cfg, resume=resume, overwrite=overwrite)  # raises before any write
@@ -84,7 +71,7 @@ def _run(cfg: RunConfig, out, *, resume, overwrite, stop_after, progress, log, t
     stream, strategy, evaluator = build(cfg, progress)
     timings = state.get("timings") or {"setup_s": 0.0, "zero_shot_eval_s": None, "experiences": []}
     timings["setup_s"] = round(time.perf_counter() - t0, 3)
-    timings["torch_threads"] = threads
+    timings["torch_threads"] = torch.get_num_threads()
     done = len(state.get("matrix") or [])
     record = R.new_record(cfg, stream, evaluator.metric_kind, strategy.parameter_counts()) if not resume \
         else state

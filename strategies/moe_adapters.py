@@ -220,17 +220,15 @@ class Strategy(ClipStrategy):
         d = self.params.ddas
         n, g = len(indices), torch.Generator().manual_seed(seed)
         if n * self.ddas.dim * 4 <= d.feature_cache_mb * 2 ** 20:
-            feats = self._features(dataset, indices)
-
-            def gen():
-                while True:
-                    for rows in torch.randperm(n, generator=g).split(d.batch_size):
-                        yield feats[rows]
+            cached = self._features(dataset, indices)
+            fetch = cached.__getitem__
         else:
-            def gen():
-                while True:
-                    for rows in torch.randperm(n, generator=g).split(d.batch_size):
-                        yield self._features(dataset, [indices[i] for i in rows.tolist()])
+            fetch = lambda rows: self._features(dataset, [indices[i] for i in rows.tolist()])  # noqa: E731
+
+        def gen():
+            while True:
+                for rows in torch.randperm(n, generator=g).split(d.batch_size):
+                    yield fetch(rows)
         return gen(), -(-n // d.batch_size)
 
     def _fit(self, dataset, indices, iterations: int, seed: int):
