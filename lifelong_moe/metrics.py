@@ -115,7 +115,8 @@ def forgetting(A, zero_shot=None) -> float:
     The max runs over the rows after task j was learned and before the last one (as continuum
     does), so it is never taken over zero-shot/pre-training accuracies. It can be negative
     (when the final accuracy exceeds every earlier one). This is NOT Avalanche's "forgetting",
-    which is A[j, j] - A[k-1, j] (= -BWT, see ``vqacl_af``). NaN with a single trained task.
+    which is A[j, j] - A[k-1, j] (= -BWT). VQACL's AF is this quantity (see ``vqacl_af``). NaN with
+    a single trained task.
     """
     B, k = _rows(_check(A, zero_shot)[0])
     if k < 2:
@@ -200,18 +201,18 @@ def vqacl_ap(A, zero_shot=None) -> float:
 
 
 def vqacl_af(A, zero_shot=None) -> float:
-    """VQACL average forgetting (Zhang et al., VQACL, CVPR 2023): first accuracy after learning
-    minus final accuracy,
+    """VQACL average forgetting (Zhang et al., "VQACL", CVPR 2023) as its evaluation code computes
+    it (``zhangxi1997/VQACL``, ``Question_type.py``, ``evaluate_metric``): for every earlier task,
+    the best accuracy it had in any row before the last minus its final accuracy, averaged,
 
-        AF = (1/(k-1)) sum_{j<k-1} (A[j, j] - A[k-1, j])
+        AF = (1/(k-1)) sum_{j<k-1} [max_{l in [j, k-2]} A[l, j] - A[k-1, j]]
 
-    Coincides with -BWT (and with Avalanche's forgetting); kept under its own name because VQA
-    papers report it. NaN with a single trained task.
+    (Chaudhry's form). VQACL fills only the lower triangle (entries above the diagonal are -1 and
+    never win the max), so the max runs from row j; here too rows before j (zero-shot transfer)
+    are excluded. Coincides with ``forgetting``; kept under its own name because VQA papers report
+    it. It is not first-after-training minus final (-BWT). NaN with a single trained task.
     """
-    B, k = _rows(_check(A, zero_shot)[0])
-    if k < 2:
-        return NAN
-    return _nanmean([B[j, j] - B[k - 1, j] for j in range(k - 1)])
+    return forgetting(A, zero_shot)
 
 
 METRICS = OrderedDict([
@@ -225,7 +226,8 @@ METRICS = OrderedDict([
     ("mtil_avg", (mtil_avg, "mean over j of mean_i A[i, j], all entries (ZSCL MTIL Avg)")),
     ("mtil_last", (mtil_last, "mean_j A[T-1, j] over all tasks (ZSCL MTIL Last)")),
     ("vqacl_ap", (vqacl_ap, "mean_j A[k-1, j] over seen tasks (VQACL AP; = last)")),
-    ("vqacl_af", (vqacl_af, "mean_{j<k-1} (A[j, j] - A[k-1, j]) (VQACL AF; = -bwt)")),
+    ("vqacl_af", (vqacl_af, "mean_{j<k-1} [max_{j<=l<=k-2} A[l, j] - A[k-1, j]] "
+                            "(VQACL AF, its evaluation code; = forgetting)")),
 ])
 
 

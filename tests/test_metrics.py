@@ -53,8 +53,8 @@ def test_3x3_every_metric():
     assert M.mtil_avg(A3) == approx(5.36 / 9)
     assert M.mtil_last(A3) == approx(2.35 / 3)
     assert M.vqacl_ap(A3) == approx(2.35 / 3)
-    # af: (0.70 - 0.60) + (0.90 - 0.80) = 0.20 -> / 2
-    assert M.vqacl_af(A3) == approx(0.10)
+    # af (VQACL's code: best earlier row minus final): (0.75 - 0.60) + (0.90 - 0.80) = 0.25 -> / 2
+    assert M.vqacl_af(A3) == approx(0.125)
     assert M.completed_rows(A3) == 3
 
 
@@ -66,7 +66,7 @@ def test_3x3_compute_all_matches_functions():
 
 def test_aliases():
     assert M.vqacl_ap(A3) == M.last(A3)
-    assert M.vqacl_af(A3) == approx(-M.bwt(A3))
+    assert M.vqacl_af(A3) == M.forgetting(A3)
 
 
 def test_single_task():
@@ -96,7 +96,7 @@ def test_partial_equals_top_left_block():
         "mtil_avg": 0.6375,                # ((0.70+0.75)/2 + (0.20+0.90)/2) / 2 = (0.725+0.55)/2
         "mtil_last": 0.825,
         "vqacl_ap": 0.825,
-        "vqacl_af": -0.05,                 # 0.70 - 0.75
+        "vqacl_af": -0.05,                 # max(A[0,0]) - A[1,0] = 0.70 - 0.75
     }
     for A in (partial, missing):
         got = values(A, ZS3)
@@ -116,7 +116,7 @@ def test_nan_inside_completed_rows():
     assert M.last(A) == approx(0.775)                  # (0.60 + 0.95) / 2
     assert M.forgetting(A) == approx(0.15)             # only j=0: 0.75 - 0.60
     assert M.bwt(A) == approx(-0.10)                   # only j=0: 0.60 - 0.70
-    assert M.vqacl_af(A) == approx(0.10)
+    assert M.vqacl_af(A) == approx(0.15)               # only j=0: max(0.70, 0.75) - 0.60
     assert M.mtil_transfer(A) == approx(0.25)          # (0.20 + 0.30 / 1) / 2
     # avg: columns 2.05/3, (0.20+0.90)/2 = 0.55, (0.30+0.95)/2 = 0.625
     assert M.mtil_avg(A) == approx((2.05 / 3 + 0.55 + 0.625) / 3)
@@ -207,3 +207,21 @@ def test_bad_zero_shot_shape(zs):
         M.compute_all(A3, zs)
     with pytest.raises(ValueError, match="zero_shot"):
         M.fwt(A3, zs)
+
+
+def test_vqacl_af_is_the_max_form_of_its_evaluation_code():
+    """VQACL's ``evaluate_metric`` (zhangxi1997/VQACL, Question_type.py) takes, per earlier task,
+    the max over the rows before the last minus the final accuracy; the upper triangle is never
+    filled there (-1), so zero-shot transfer entries above the diagonal never count."""
+    A = [
+        [0.50, 0.95, 0.90],   # A[0,1] = 0.95, A[0,2] = 0.90: above the diagonal, must be ignored
+        [0.80, 0.60, 0.85],   # task 0 peaks after task 1, not right after its own training
+        [0.40, 0.30, 0.70],
+    ]
+    # VQACL: j=0: max(0.50, 0.80) - 0.40 = 0.40; j=1: max(0.60) - 0.30 = 0.30   -> 0.35
+    # first-after-training form (-BWT): (0.50 - 0.40) + (0.60 - 0.30) = 0.40       -> 0.20
+    # a max that also took the upper triangle: j=1: 0.95 - 0.30 = 0.65            -> 0.525
+    assert M.vqacl_af(A) == approx(0.35)
+    assert -M.bwt(A) == approx(0.20)
+    assert M.vqacl_af(A) != approx(-M.bwt(A))
+    assert values(A)["vqacl_af"] == approx(0.35)
