@@ -67,8 +67,33 @@ def resolve_synthetic(name: str, pretrain: dict | None = None, progress: bool = 
     return str(pretrain_clip(cfg, progress=progress, force=force, cache_dir=cache_dir))
 
 
-def create_clip(name: str, pretrained: str | None, pretrain: dict | None = None, progress: bool = True):
-    """Return ``(model, tokenizer, image_size, mean, std)``; every failure is a UserError."""
+def resolve_quick_gelu(name: str, pretrained: str | None, quick_gelu: bool | None = None) -> bool:
+    """Whether ``name`` with weights ``pretrained`` is built with QuickGELU (``x * sigmoid(1.702 x)``).
+
+    OpenAI trained CLIP with QuickGELU, but open_clip builds e.g. ``ViT-B-16`` with ``nn.GELU`` even
+    for ``pretrained=openai`` (it only warns), which shifts every feature. ``None`` (auto): True when
+    the open_clip tag was trained with it (its pretrained config says so: ``openai``, ``dfn2b``,
+    ``metaclip_*``) or the model's own config uses it (the ``-quickgelu`` names); a local checkpoint
+    path cannot tell, so auto gives False there: set ``backbone.quick_gelu: true`` for a local copy
+    of OpenAI's weights."""
+    import open_clip
+
+    register_model_configs()
+    model_cfg = open_clip.get_model_config(name) or {}
+    built_in = bool(model_cfg.get("quick_gelu", False))
+    if quick_gelu is False and built_in:
+        raise UserError(f"backbone.quick_gelu: false, but open_clip's {name!r} is always built with QuickGELU; "
+                        f"use the name without '-quickgelu' or drop the key")
+    if quick_gelu is not None:
+        return quick_gelu
+    tag_cfg = open_clip.get_pretrained_cfg(name, pretrained) if pretrained and not _looks_like_path(pretrained) else {}
+    return built_in or bool((tag_cfg or {}).get("quick_gelu", False))
+
+
+def create_clip(name: str, pretrained: str | None, pretrain: dict | None = None, progress: bool = True,
+                quick_gelu: bool | None = None):
+    """Return ``(model, tokenizer, image_size, mean, std)``; every failure is a UserError.
+    ``quick_gelu``: see :func:`resolve_quick_gelu` (decided before a synthetic checkpoint is resolved)."""
     import open_clip
 
     register_model_configs()
@@ -78,6 +103,7 @@ def create_clip(name: str, pretrained: str | None, pretrain: dict | None = None,
         raise UserError(f"backbone.name: unknown open_clip model {name!r}"
                         + (f" (did you mean {', '.join(map(repr, close))}?)" if close else "")
                         + f"; shipped tiny models: {', '.join(shipped_model_names())}")
+    force_quick_gelu = resolve_quick_gelu(name, pretrained, quick_gelu)
     if pretrained == SYNTHETIC_TAG:
         pretrained = resolve_synthetic(name, pretrain, progress)
     elif pretrain:
@@ -95,7 +121,8 @@ def create_clip(name: str, pretrained: str | None, pretrain: dict | None = None,
     level = root.level
     root.setLevel(max(level, logging.ERROR))  # "no weights" chatter
     try:
-        model, _, preprocess = open_clip.create_model_and_transforms(name, pretrained=pretrained)
+        model, _, preprocess = open_clip.create_model_and_transforms(name, pretrained=pretrained,
+                                                                     force_quick_gelu=force_quick_gelu)
     except Exception as e:  # offline download failure, corrupt file, shape mismatch
         hint = ("" if pretrained is None or _looks_like_path(pretrained) else
                 " The weights of an open_clip tag are downloaded on first use; on a machine without "
@@ -185,8 +212,8 @@ class ClipClassifier(nn.Module):
 
     @classmethod
     def from_config(cls, name: str, pretrained: str | None, cache_text: bool = True, pretrain: dict | None = None,
-                    progress: bool = True) -> "ClipClassifier":
-        return cls(*create_clip(name, pretrained, pretrain, progress), cache_text=cache_text)
+                    progress: bool = True, quick_gelu: bool | None = None) -> "ClipClassifier":
+        return cls(*create_clip(name, pretrained, pretrain, progress, quick_gelu), cache_text=cache_text)
 
     # ------------------------------------------------------------------ towers
     def check_images(self, x: torch.Tensor) -> None:

@@ -90,6 +90,9 @@ class BackboneConfig(Strict):
     name: str = "lmoe-tiny-vit"
     pretrained: Optional[str] = None  # open_clip tag, checkpoint path, or "synthetic" (pretrained here, cached)
     pretrain: Optional[dict[str, Any]] = None  # with pretrained: synthetic, overrides of PretrainConfig
+    # QuickGELU activations (OpenAI's CLIP weights were trained with them); None: decided from the
+    # weights (an open_clip tag trained with QuickGELU, e.g. openai, or a "-quickgelu" model name)
+    quick_gelu: Optional[bool] = None
     templates: list[str] = ["a photo of a {}."]
     dataset_templates: bool = True  # prefer a dataset's own templates when it ships some
     cache_text_features: bool = True
@@ -118,6 +121,7 @@ class TrainingConfig(Strict):
     label_smoothing: float = Field(0.0, ge=0, lt=1)
     label_space: Literal["task", "seen"] = "task"
     prompt: Literal["first", "ensemble"] = "first"
+    augment: Literal["none", "clip"] = "none"  # clip: CLIP's train transform (random resized crop)
     num_workers: int = Field(0, ge=0)
     log_every: int = Field(1, gt=0)
 

@@ -40,10 +40,12 @@ def build(cfg: RunConfig, progress: bool = True):
 
     seed_everything(cfg.seed)
     b = cfg.backbone
-    model = ClipClassifier.from_config(b.name, b.pretrained, b.cache_text_features, b.pretrain, progress)
+    model = ClipClassifier.from_config(b.name, b.pretrained, b.cache_text_features, b.pretrain, progress,
+                                       quick_gelu=b.quick_gelu)
     try:
         stream = build_stream(cfg.stream, ImageTransform(model.image_size, model.mean.flatten().tolist(),
-                                                         model.std.flatten().tolist()), cfg.seed)
+                                                         model.std.flatten().tolist(), cfg.training.augment),
+                              cfg.seed)
     except (ValueError, FileNotFoundError) as e:
         raise UserError(f"stream: {e}") from None
     if cfg.training.lr_per_experience and len(cfg.training.lr_per_experience) != len(stream.tasks):
