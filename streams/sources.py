@@ -28,6 +28,7 @@ from torch.utils.data import Dataset, Subset
 
 from ..data import ClassificationData
 from ..errors import UserError
+from .templates import templates_for
 
 RANDOM_SPLIT_SEED = 42
 LOOKED_FOR = "put the files there (torchvision layout) or set `download: true` in the stream config"
@@ -218,32 +219,30 @@ class _TV:
     cls: str  # torchvision.datasets class
     folder: str  # where, under root, torchvision looks for the files
     splits: tuple[str, str] | None  # (train, test) split names; "bool" -> train=True/False; None -> random
-    template: str
     manual: str = ""  # how to get the files where torchvision cannot download them
 
 
 _TORCHVISION = {
-    "cifar10": _TV("CIFAR10", "cifar-10-batches-py", ("bool", ""), "a photo of a {}."),
-    "cifar100": _TV("CIFAR100", "cifar-100-python", ("bool", ""), "a photo of a {}."),
-    "mnist": _TV("MNIST", "MNIST/raw", ("bool", ""), 'a photo of the number: "{}".'),
-    "fashion_mnist": _TV("FashionMNIST", "FashionMNIST/raw", ("bool", ""), "a photo of a {}, a type of clothing."),
-    "fgvc_aircraft": _TV("FGVCAircraft", "fgvc-aircraft-2013b", ("train", "test"),
-                         "a photo of a {}, a type of aircraft."),
-    "caltech101": _TV("Caltech101", "caltech101/101_ObjectCategories", None, "a photo of a {}.",
+    "cifar10": _TV("CIFAR10", "cifar-10-batches-py", ("bool", "")),
+    "cifar100": _TV("CIFAR100", "cifar-100-python", ("bool", "")),
+    "mnist": _TV("MNIST", "MNIST/raw", ("bool", "")),
+    "fashion_mnist": _TV("FashionMNIST", "FashionMNIST/raw", ("bool", "")),
+    "fgvc_aircraft": _TV("FGVCAircraft", "fgvc-aircraft-2013b", ("train", "test")),
+    "caltech101": _TV("Caltech101", "caltech101/101_ObjectCategories", None,
                       "torchvision downloads it from Google Drive with `gdown`, which is often over quota; "
                       "otherwise get caltech-101.zip from the Caltech 101 page on data.caltech.edu and unpack "
                       "101_ObjectCategories.tar.gz so that its class folders sit in that directory"),
-    "dtd": _TV("DTD", "dtd/dtd", ("train", "test"), "a photo of a {} texture."),
-    "eurosat": _TV("EuroSAT", "eurosat/2750", None, "a centered satellite photo of {}."),
-    "flowers102": _TV("Flowers102", "flowers-102", ("train", "test"), "a photo of a {}, a type of flower."),
-    "food101": _TV("Food101", "food-101", ("train", "test"), "a photo of {}, a type of food."),
-    "oxford_pet": _TV("OxfordIIITPet", "oxford-iiit-pet", ("trainval", "test"), "a photo of a {}, a type of pet."),
-    "stanford_cars": _TV("StanfordCars", "stanford_cars", ("train", "test"), "a photo of a {}.",
+    "dtd": _TV("DTD", "dtd/dtd", ("train", "test")),
+    "eurosat": _TV("EuroSAT", "eurosat/2750", None),
+    "flowers102": _TV("Flowers102", "flowers-102", ("train", "test")),
+    "food101": _TV("Food101", "food-101", ("train", "test")),
+    "oxford_pet": _TV("OxfordIIITPet", "oxford-iiit-pet", ("trainval", "test")),
+    "stanford_cars": _TV("StanfordCars", "stanford_cars", ("train", "test"),
                          "torchvision cannot download stanford_cars (its original URL is gone), so `download: "
                          "true` does not help: get a copy by hand (e.g. a Kaggle mirror of Stanford Cars) and lay "
                          "it out as devkit/{cars_meta.mat,cars_train_annos.mat}, cars_train/, cars_test/ and "
                          "cars_test_annos_withlabels.mat in that directory"),
-    "sun397": _TV("SUN397", "SUN397", None, "a photo of a {}."),
+    "sun397": _TV("SUN397", "SUN397", None),
 }
 
 # Oxford 102 Flowers category names in label order; torchvision's Flowers102 exposes no class list.
@@ -331,14 +330,14 @@ def _torchvision(name: str, root: Path, download: bool, test_fraction: float) ->
         n_test = int(round(len(targets) * test_fraction))
         perm = torch.randperm(len(targets), generator=torch.Generator().manual_seed(RANDOM_SPLIT_SEED)).tolist()
         tr, te = sorted(perm[n_test:]), sorted(perm[:n_test])
-        return _split_data(name, _tv_class_names(name, full), full, targets, tr, te, [spec.template],
+        return _split_data(name, _tv_class_names(name, full), full, targets, tr, te, templates_for(name),
                            {**meta, "split": f"random, test_fraction={test_fraction}, seed={RANDOM_SPLIT_SEED}"})
     names = ("train", "test") if spec.splits[0] == "bool" else spec.splits
     train, test = (_tv_make(name, spec, root, download, s) for s in names)
     if getattr(train, "classes", None) != getattr(test, "classes", None):
         raise SourceError(f"dataset {name!r} in {root / spec.folder}: train and test splits list different classes")
     return ClassificationData(name, _tv_class_names(name, train), train, test, _tv_targets(train),
-                              _tv_targets(test), [spec.template], {**meta, "split": "/".join(names)})
+                              _tv_targets(test), templates_for(name), {**meta, "split": "/".join(names)})
 
 
 # ----------------------------------------------------------------------------- entry point

@@ -194,7 +194,7 @@ def test_fake_eurosat_random_split(tmp_path):
     d = load_source("eurosat", root=tmp_path, seed=0)
     assert d.class_names == ["annual crop", "forest", "sea or lake"]
     assert (len(d.train), len(d.test)) == (24, 6)
-    assert d.templates == ["a centered satellite photo of {}."]
+    assert d.templates[0] == "a centered satellite photo of {}." and len(d.templates) == 3  # the reference list
     check_items(d)
     assert load_source("eurosat", root=tmp_path, seed=7).test.indices == d.test.indices  # fixed split seed
 
