@@ -5,7 +5,9 @@
 with one diagonal empirical Fisher F_k and anchor theta*_k per past experience k
 (``mode: separate``), or a single running pair (``mode: online``, Schwarz et al. 2018:
 F <- gamma F + F_k, theta* <- theta*_k). F_k is the mean squared gradient of the training loss
-over up to ``fisher_batches`` minibatches of experience k.
+over up to ``fisher_batches`` minibatches of experience k, estimated in eval mode (no dropout)
+with the class text features re-encoded per batch when the text tower trains, so that the
+gradient reaches its parameters (eval mode alone would use the cached, detached features).
 """
 from typing import Literal
 
@@ -50,12 +52,17 @@ class EWCPlugin(SupervisedPlugin, StatefulPlugin):
         g = torch.Generator().manual_seed(strategy.cfg.seed + 17 * strategy.experience_index)
         loader = DataLoader(strategy.experience.dataset, batch_size=strategy.train_mb_size, shuffle=True, generator=g)
         model.eval()
+        text_trains = model.text_tower_trainable()
         n_batches = 0
         for b, (x, y, *_) in enumerate(loader):
             if b >= self.p.fisher_batches:
                 break
             model.zero_grad()
-            out = model(x.to(strategy.device), strategy.head)
+            if text_trains:  # uncached class features: the gradient flows through the text tower
+                text = model.encode_head(strategy.head)
+                out = model.logit_scale * model.encode_image(x.to(strategy.device)) @ text.t()
+            else:
+                out = model(x.to(strategy.device), strategy.head)
             torch.nn.functional.cross_entropy(out, strategy.target_map[y.to(strategy.device)]).backward()
             for n, p in params.items():
                 if p.grad is not None:
