@@ -376,9 +376,24 @@ def test_alexnet_features_from_local_weights(tmp_path, domain_files):
     from safetensors.torch import save_file
     from torchvision.models import alexnet
 
+    from lifelong_moe.moe.ddas import AlexNetFeatures
+
     torch.manual_seed(0)
     path = tmp_path / "alexnet.safetensors"
-    save_file({k: v.contiguous() for k, v in alexnet(weights=None).state_dict().items()}, str(path))
+    net = alexnet(weights=None).eval()
+    save_file({k: v.contiguous() for k, v in net.state_dict().items()}, str(path))
+    # the reference feature at the reference size: conv5's output BEFORE its ReLU (256 x 13 x 13 =
+    # 43,264 values at 224 px), flattened, sigmoid
+    conv5 = [m for m in net.features if isinstance(m, torch.nn.Conv2d)][-1]
+    seen = []
+    conv5.register_forward_hook(lambda mod, inp, out: seen.append(out.clone()))  # its ReLU is in place
+    x224 = torch.randn(2, 3, 224, 224, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        net(x224)
+    f224 = AlexNetFeatures(path)(x224)
+    assert f224.shape == (2, 43264)
+    assert torch.allclose(f224, torch.sigmoid(seen[0].flatten(1)), atol=1e-6)
+    assert bool((f224 < 0.5).any())  # negative pre-activations survive: no ReLU (after it, all >= 0.5)
     strat = {**SMALL, "ddas": {**FAST_DDAS, "iterations": 5, "features": "alexnet", "alexnet_weights": str(path),
                                "threshold": {"mode": "fixed", "value": 0.0655}}}
     stream, s, _ = domains(domain_files, strat)
@@ -441,16 +456,49 @@ def test_reference_parameter_count_vit_b16():
 
 
 def test_bench_moe_cost_smoke():
-    from lifelong_moe.bench import main, moe_cost
+    import math
+
+    from lifelong_moe.bench import moe_cost
 
     r = moe_cost(experts=4, batch=4, prompts=3, infer_batch=8, repeats=1, warmup=0, threads=1)
-    assert set(r["train_step_s"]) == {"moe", "dense"}
-    assert set(r["inference_s"]) == {"moe", "plain", "dense", "dense_k", "moe_ddas"}
-    for k in ("train_ratio_vs_dense_adapter", "inference_ratio_vs_plain_clip", "inference_ratio_vs_dense_adapter",
-              "inference_ratio_vs_dense_k_width"):
-        assert r[k] == pytest.approx(r[k]) and r[k] > 0, k  # finite, positive
-    assert r["inference_ratio_vs_dense_adapter"] == pytest.approx(r["inference_s"]["moe"] / r["inference_s"]["dense"])
-    assert callable(main)
+    assert r["setup"] == {"model": "lmoe-tiny-vit-p4", "experts": 4, "top_k": 2, "towers": ["image", "text"],
+                          "batch": 4, "prompts": 3, "infer_batch": 8, "repeats": 1, "threads": 1}
+    times = {**{f"train.{k}": v for k, v in r["train_step_s"].items()},
+             **{f"inference.{k}": v for k, v in r["inference_s"].items()}}
+    assert set(times) == {"train.moe", "train.dense", "inference.moe", "inference.plain", "inference.dense",
+                          "inference.dense_k", "inference.moe_ddas"}
+    assert all(math.isfinite(v) and v > 0 for v in times.values()), times
+    ratios = {"train_ratio_vs_dense_adapter": ("train.moe", "train.dense"),
+              "inference_ratio_vs_plain_clip": ("inference.moe", "inference.plain"),
+              "inference_ratio_vs_dense_adapter": ("inference.moe", "inference.dense"),
+              "inference_ratio_vs_dense_k_width": ("inference.moe", "inference.dense_k"),
+              "inference_with_ddas_ratio_vs_plain_clip": ("inference.moe_ddas", "inference.plain")}
+    for key, (num, den) in ratios.items():  # each ratio is the quotient of the times it names
+        assert r[key] == pytest.approx(times[num] / times[den], rel=1e-12), key
+
+
+def test_bench_cli_passes_options_and_prints_the_record(monkeypatch, capsys):
+    import json
+
+    from lifelong_moe import bench
+    from lifelong_moe.cli import main
+
+    calls = []
+    record = {"setup": {"infer_batch": 128}, "train_step_s": {"moe": 0.3, "dense": 0.2},
+              "inference_s": {"moe": 0.12, "plain": 0.1, "dense": 0.11, "dense_k": 0.115, "moe_ddas": 0.25},
+              "train_ratio_vs_dense_adapter": 1.5, "inference_ratio_vs_plain_clip": 1.2,
+              "inference_ratio_vs_dense_adapter": 0.12 / 0.11, "inference_ratio_vs_dense_k_width": 0.12 / 0.115,
+              "inference_with_ddas_ratio_vs_plain_clip": 2.5}
+    monkeypatch.setattr(bench, "moe_cost", lambda **kw: calls.append(kw) or record)
+    assert main(["bench", "moe", "--experts", "3", "--top-k", "1", "--model", "lmoe-tiny-vit", "--repeats", "2",
+                 "--threads", "1", "--json"]) == 0
+    assert calls == [{"experts": 3, "k": 1, "model": "lmoe-tiny-vit", "repeats": 2, "threads": 1}]
+    assert json.loads(capsys.readouterr().out) == record
+    assert main(["bench", "moe"]) == 0
+    assert calls[-1] == {"experts": 22, "k": 2, "model": "lmoe-tiny-vit-p4", "repeats": 30, "threads": 2}
+    out = capsys.readouterr().out
+    assert "MoE 300.0 ms, dense adapter 200.0 ms -> 1.50x" in out and "plain CLIP 100.0 ms -> 1.20x" in out
+    assert "inference (128 images)" in out and "250.0 ms -> 2.50x" in out
 
 
 def test_pixel_features_keep_style_and_are_deterministic():

@@ -76,6 +76,31 @@ def test_zero_init_is_exact_noop(clip_pair):
         assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
 
 
+def test_expert_init_is_the_reference_init(clip_pair):
+    """MoE-Adapters' "lora" init (mtil/clip/adapter.py): W_down kaiming_uniform(a=sqrt(5)), W_up,
+    b_down and b_up zero, in every expert of every block, and in experts appended later. The no-op
+    test above only needs W_up = b_up = 0; b_down = 0 is pinned here, value by value."""
+    _, model, _ = clip_pair
+    pools = [m for m in model.modules() if isinstance(m, BottleneckExperts)]
+    fresh = BottleneckExperts(16, 3, bottleneck=4, dropout=0.0)
+    fresh.grow(2)
+    assert pools
+    for ex in pools + [fresh]:
+        for n in ("down_bias", "up_weight", "up_bias"):
+            assert torch.count_nonzero(getattr(ex, n)) == 0, n
+        bound = 1 / math.sqrt(ex.d_model)  # kaiming_uniform(a=sqrt(5)) on [r, D]: U(-1/sqrt(D), 1/sqrt(D))
+        w = ex.down_weight
+        assert bool((w.abs() <= bound).all()) and all(torch.count_nonzero(w[i]) == w[i].numel()
+                                                      for i in range(ex.num_experts))
+    # with W_up live and everything else at init, an expert is s * W_up ReLU(W_down h): no b_down
+    with torch.no_grad():
+        fresh.up_weight.normal_()
+    h = torch.randn(2, 5, 16, generator=torch.Generator().manual_seed(2))
+    for i in (0, 4):
+        want = 0.1 * F.relu(h @ fresh.down_weight[i].t()) @ fresh.up_weight[i]
+        assert torch.allclose(fresh.expert_forward(i, h), want, atol=1e-6)
+
+
 @pytest.mark.parametrize("train", [False, True])
 def test_bypass_is_bit_exact_after_training(clip_pair, train):
     plain, model, handle = clip_pair
