@@ -327,9 +327,11 @@ def _torchvision(name: str, root: Path, download: bool, test_fraction: float) ->
     if spec.splits is None:
         full = _tv_make(name, spec, root, download, None)
         targets = _tv_targets(full)
-        n_test = int(round(len(targets) * test_fraction))
+        # as the reference's torch random_split(ds, [int(0.8 n), rest], Generator().manual_seed(42)):
+        # train is the front of the permutation, test the rest
+        n_train = int((1 - test_fraction) * len(targets))
         perm = torch.randperm(len(targets), generator=torch.Generator().manual_seed(RANDOM_SPLIT_SEED)).tolist()
-        tr, te = sorted(perm[n_test:]), sorted(perm[:n_test])
+        tr, te = sorted(perm[:n_train]), sorted(perm[n_train:])
         return _split_data(name, _tv_class_names(name, full), full, targets, tr, te, templates_for(name),
                            {**meta, "split": f"random, test_fraction={test_fraction}, seed={RANDOM_SPLIT_SEED}"})
     names = ("train", "test") if spec.splits[0] == "bool" else spec.splits

@@ -197,6 +197,9 @@ def test_fake_eurosat_random_split(tmp_path):
     assert d.templates[0] == "a centered satellite photo of {}." and len(d.templates) == 3  # the reference list
     check_items(d)
     assert load_source("eurosat", root=tmp_path, seed=7).test.indices == d.test.indices  # fixed split seed
+    # the reference's split (ZSCL / MoE-Adapters split_dataset): torch's random_split, 80 % in front
+    ref_train, ref_test = torch.utils.data.random_split(range(30), [24, 6], generator=torch.Generator().manual_seed(42))
+    assert (sorted(d.train.indices), sorted(d.test.indices)) == (sorted(ref_train), sorted(ref_test))
 
 
 def test_fake_dtd_and_caltech(tmp_path):
