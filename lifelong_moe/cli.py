@@ -68,8 +68,11 @@ def cmd_run(a) -> int:
             from .compare import compare_runs
 
             dest = Path(os.path.commonpath([str(o.resolve()) for o in outs])) / "compare"
-            compare_runs(outs, dest)
-            print(f"\nplots and tables: {dest}")
+            try:
+                compare_runs(outs, dest)
+                print(f"\nplots and tables: {dest}")
+            except UserError as e:  # e.g. variants on different streams: the runs themselves are fine
+                print(f"\nno comparison plots: {e}")
     return 0
 
 
@@ -198,6 +201,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except FileNotFoundError as e:  # e.g. a missing dataset directory
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:  # a path the user named cannot be used: a file where a directory goes, no permission
+        if e.filename is None:
+            raise
         print(f"error: {e}", file=sys.stderr)
         return 2
 
