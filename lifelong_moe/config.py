@@ -11,7 +11,8 @@ from pathlib import Path
 from typing import Annotated, Any, Literal, Optional, Union
 
 import yaml
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, model_validator
+from pydantic import (AfterValidator, BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator,
+                      model_validator)
 from pydantic_core import PydanticCustomError
 
 from .errors import ConfigError
@@ -158,13 +159,14 @@ class OutputConfig(Strict):
     dir: str = "runs/{name}"
     checkpoints: bool = True
 
-    @model_validator(mode="after")
-    def _dir_placeholders(self) -> "OutputConfig":
+    @field_validator("dir")
+    @classmethod
+    def _dir_placeholders(cls, v: str) -> str:
         try:
-            self.dir.format(name="run")
+            v.format(name="run")
         except (IndexError, KeyError, ValueError) as e:
-            raise ValueError(f"dir {self.dir!r}: '{{name}}' is the only placeholder it may hold ({e!r})") from None
-        return self
+            raise ValueError(f"{v!r}: '{{name}}' is the only placeholder it may hold ({e!r})") from None
+        return v
 
 
 class RuntimeConfig(Strict):

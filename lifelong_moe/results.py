@@ -177,9 +177,9 @@ class RunDir:
             raise self._held_error() from None
         probe.release()
 
-    def acquire(self, cfg: RunConfig, *, resume: bool, overwrite: bool) -> dict:
-        """Hold the directory (created if needed) for this process, with our pid in the lock file,
-        then check it again (:meth:`check_start`) now that no other process can change it."""
+    def hold(self) -> None:
+        """Hold the directory (created if needed) for this process, our pid and host in the lock
+        file; a UserError naming the holder if another process holds it."""
         from filelock import Timeout
 
         def note_holder(fd: int) -> None:
@@ -193,6 +193,10 @@ class RunDir:
         except Timeout:
             raise self._held_error() from None
         self._lock = lock
+
+    def acquire(self, cfg: RunConfig, *, resume: bool, overwrite: bool) -> dict:
+        """:meth:`hold`, then :meth:`check_start` again now that no other process can change the directory."""
+        self.hold()
         return self.check_start(cfg, resume=resume, overwrite=overwrite)
 
     def release(self) -> None:

@@ -128,6 +128,9 @@ def _load_tensors(path: Path) -> ClassificationData:
             raise SourceError(f"{not_npz}: {e}") from None
         except (OSError, EOFError, zipfile.BadZipFile) as e:
             raise SourceError(f"{not_npz}: {e}") from None
+        raw = sorted(k for k, v in arrays.items() if not isinstance(v, np.ndarray))  # numpy hands back the bytes
+        if raw:
+            raise SourceError(f"{not_npz}: {', '.join(raw)} not .npy arrays")
     elif path.suffix == ".safetensors":
         from safetensors import SafetensorError, safe_open
         from safetensors.numpy import load_file
