@@ -181,7 +181,7 @@ class RuntimeConfig(Strict):
 
 
 class RunConfig(Strict):
-    name: str = "run"
+    name: str = Field("run", min_length=1)
     seed: int = Field(0, ge=0, lt=2**31)  # numpy seeds are 0..2**32-1; per-experience seeds add to it
     stream: StreamConfig
     backbone: BackboneConfig = BackboneConfig()
@@ -293,6 +293,8 @@ def load_config(path: str | Path, overrides: list[str] | None = None, only: list
     base = read_yaml_tree(path)
     base.setdefault("name", Path(path).stem)
     overrides = list(overrides or [])
+    if any(o.partition("=")[0].strip().split(".")[0] == "variants" for o in overrides):
+        raise ConfigError("variants cannot be set by an override; edit them in the file (and pick some with --only)")
     variants = base.pop("variants", None)
     if variants is None:
         return [validate(apply_overrides(base, overrides))]

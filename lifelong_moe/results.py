@@ -287,7 +287,9 @@ class RunDir:
 
 
 def load_record(path: str | Path) -> dict:
-    rj = Path(path) / "results.json"
+    """The validated record of a run directory (or of its results.json)."""
+    path = Path(path)
+    rj = path if path.name == "results.json" and path.is_file() else path / "results.json"
     if not rj.is_file():
         raise UserError(f"no results.json in {path}")
     return read_record(rj)

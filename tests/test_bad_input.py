@@ -115,6 +115,12 @@ CASES = {
     "template with two fields": (lambda t: _run(t, "backbone.templates=['a {0} {1}']"), "backbone.templates[0]"),
     "output.dir placeholder": (lambda t: _run(t, "output.dir=" + str(t / "runs/{nme}")), "output.dir"),
     "absurd thread count": (lambda t: _run(t, "runtime.threads=100000"), "runtime.threads"),
+    "empty name": (lambda t: _run(t, "name=''"), "name: String should have at least 1 character"),
+    "variants by override": (lambda t: _run(t, "variants=[{name: a}]"), "variants cannot be set by an override"),
+    # run: options
+    "--stop-after 0": (lambda t: _run(t, "--stop-after", "0"), "--stop-after must be at least 1, got 0"),
+    "--jobs 0": (lambda t: _run(t, "--jobs", "0"), "--jobs must be at least 1, got 0"),
+    "--resume and --overwrite": (lambda t: _run(t, "--resume", "--overwrite"), "give one of --resume"),
     # run: the output directory
     "-o names a file": (lambda t: (t / "out").write_text("keep me") and _run(t), "exists and is not a directory"),
     "-o below a file": (lambda t: (t / "f").write_text("keep me") and _run(t, out="f/run"), "f is a file"),
@@ -176,6 +182,8 @@ CASES = {
     "pretrain, config not UTF-8": (lambda t: (t / "p.yaml").write_bytes(b"steps: 3 # \xe9\n") and
                                    ["pretrain", "clip", str(t / "p.yaml"), "--cache-dir", str(t / "cache")],
                                    "not UTF-8 text"),
+    "pretrain, --cache-dir a file": (lambda t: (t / "cache").write_text("x") and
+                                     ["pretrain", "clip", "--cache-dir", str(t / "cache")], "exists and is not a directory"),
     # bench
     "bench, no experts": (lambda t: ["bench", "moe", "--experts", "0"], "--experts must be at least 1"),
     "bench, top-k above experts": (lambda t: ["bench", "moe", "--experts", "2", "--top-k", "5"],
@@ -222,3 +230,11 @@ def test_a_run_that_skips_images_says_how_many_in_results_json(tmp_path, capsys)
         assert main(argv) == 0
     rec = json.loads((tmp_path / "out" / "results.json").read_text())
     assert rec["status"] == "complete" and rec["skipped_images"] == {"img": 1}
+
+
+def test_metrics_reads_a_run_directory_or_its_results_json(tmp_path, capsys):
+    d = run_dir(tmp_path / "r")
+    assert main(["metrics", str(d)]) == 0
+    by_dir = capsys.readouterr().out
+    assert main(["metrics", str(d / "results.json")]) == 0
+    assert capsys.readouterr().out == by_dir and "last" in by_dir and "75.00" in by_dir  # mean of [0.7, 0.8]
