@@ -44,6 +44,7 @@ class RunResult:
     definitions: dict[str, str] = field(default_factory=dict)
     status: str = "complete"
     metric_kind: str = "accuracy"
+    task_classes: list = field(default_factory=list)  # per task: its class names as saved (or None)
 
     @property
     def num_tasks(self) -> int:
@@ -115,7 +116,9 @@ def load_run(path: str | Path, label: str | None = None) -> RunResult:
                      strategy=str(rec.get("strategy", "")), tasks=names,
                      zero_shot=None if zs is None else _floats(zs, "zero_shot", rj), matrix=matrix,
                      metrics=metrics, definitions=definitions, status=str(rec.get("status", "")),
-                     metric_kind=str(rec.get("metric_kind") or "accuracy"))
+                     metric_kind=str(rec.get("metric_kind") or "accuracy"),
+                     task_classes=[tuple(map(str, t["class_names"])) if isinstance(t, dict) and
+                                   isinstance(t.get("class_names"), list) else None for t in tasks])
 
 
 def _disambiguate(runs: list[RunResult]) -> list[RunResult]:
@@ -315,10 +318,13 @@ def check_same_tasks(runs: list[RunResult]) -> None:
     """Refuse runs on different streams: one run's task would be drawn under another's name."""
     first = runs[0]
     for r in runs[1:]:
-        if r.tasks == first.tasks:
-            continue
         diffs = [f"{first.num_tasks} tasks vs {r.num_tasks}"] if r.num_tasks != first.num_tasks else []
         diffs += [f"task {j + 1}: {a!r} vs {b!r}" for j, (a, b) in enumerate(zip(first.tasks, r.tasks)) if a != b]
+        diffs += [f"task {j + 1} ({a!r}): other classes" for j, (a, b, ca, cb) in  # e.g. another class order
+                  enumerate(zip(first.tasks, r.tasks, first.task_classes, r.task_classes))
+                  if a == b and None not in (ca, cb) and ca != cb]
+        if not diffs:
+            continue
         diff = "; ".join(diffs[:3]) + (f"; and {len(diffs) - 3} more" if len(diffs) > 3 else "")
         raise RunFormatError(f"runs on different streams cannot be compared: {first.path} and {r.path} differ "
                              f"({diff}); compare runs of one stream at a time")

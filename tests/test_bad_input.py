@@ -167,6 +167,9 @@ CASES = {
         t / "b", tasks=[{**TASKS[0], "name": "synthetic/shapes"}, TASKS[1]])), "-o", str(t / "cmp")],
         "runs on different streams cannot be compared: {t}/a and {t}/b differ (task 1: 'digits[0]' vs "
         "'synthetic/shapes')"),
+    "compare, other class order": (lambda t: ["compare", str(run_dir(t / "a")), str(run_dir(
+        t / "b", tasks=[{**TASKS[0], "class_names": ["7"]}, TASKS[1]])), "-o", str(t / "cmp")],
+        "task 1 ('digits[0]'): other classes"),
     "compare, different lengths": (lambda t: ["compare", str(run_dir(t / "a")), str(run_dir(
         t / "b", tasks=TASKS[:1], matrix=[[0.5]], zero_shot=None)), "-o", str(t / "cmp")], "2 tasks vs 1"),
     "compare, -o names a file": (lambda t: (t / "cmp").write_text("keep") and ["compare", str(run_dir(t / "a")),
@@ -238,3 +241,19 @@ def test_metrics_reads_a_run_directory_or_its_results_json(tmp_path, capsys):
     by_dir = capsys.readouterr().out
     assert main(["metrics", str(d / "results.json")]) == 0
     assert capsys.readouterr().out == by_dir and "last" in by_dir and "75.00" in by_dir  # mean of [0.7, 0.8]
+
+
+def test_variants_on_different_streams_run_but_are_not_plotted_together(tmp_path, capsys, monkeypatch):
+    import lifelong_moe.runner as runner
+
+    def fake_run(cfg, out, **_):  # a finished run whose first task is named after the class order
+        return run_dir(Path(out), tasks=[{**TASKS[0], "name": f"digits[{cfg.stream.class_order}]"}, TASKS[1]])
+
+    monkeypatch.setattr(runner, "run", fake_run)
+    p = tmp_path / "c.yaml"
+    p.write_text(BASE + "variants:\n  - {name: a, stream: {class_order: natural}}\n  - {name: b}\n")
+    assert main(["run", str(p), "-o", str(tmp_path / "runs"), "-q"]) == 0
+    out = capsys.readouterr().out
+    assert "no comparison plots: runs on different streams cannot be compared" in out
+    assert "task 1: 'digits[natural]' vs 'digits[seed]'" in out
+    assert sorted(q.name for q in (tmp_path / "runs").iterdir()) == ["a", "b"]
