@@ -81,8 +81,8 @@ class PretrainConfig:
         """Types as the defaults have them and the bounds training needs (ValueError names the field)."""
         for f in fields(self):
             v, kind = getattr(self, f.name), type(f.default)
-            if not (isinstance(v, kind) and (kind is not int or not isinstance(v, bool))
-                    or kind is float and isinstance(v, int) and not isinstance(v, bool)):
+            accepted = {float: (int, float), int: int}.get(kind, kind)  # an int where a float goes is fine
+            if not isinstance(v, accepted) or (isinstance(v, bool) and kind is not bool):
                 raise ValueError(f"{f.name}: expected {kind.__name__}, got {v!r}")
         positive = ("steps", "batch_size", "lr", "supervised_lr", "threads", "eval_test_per_class")
         fractions = ("min_lr_ratio", "focus", "p_attr", "supervised_min_lr_ratio")
