@@ -51,12 +51,11 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        os.fchmod(fd, default_file_mode())  # mkstemp creates 0600; the target gets the usual mode
-    finally:
-        os.close(fd)
+    os.close(fd)
     try:
         yield Path(tmp)
+        # mkstemp creates 0600, and some writers (safetensors) recreate the file so: set the usual mode last
+        os.chmod(tmp, default_file_mode())
         fsync_path(tmp)
         os.replace(tmp, path)
     except BaseException:

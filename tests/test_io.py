@@ -3,6 +3,8 @@ import os
 import stat
 
 import pytest
+import torch
+from safetensors.torch import save_file
 
 from lifelong_moe import io as lio
 
@@ -18,11 +20,11 @@ def umask():
 def test_written_files_get_the_mode_of_the_umask(tmp_path, umask, mask, mode):
     umask(mask)
     lio.write_json(tmp_path / "results.json", {"a": 1})
-    with lio.atomic_path(tmp_path / "ckpt.bin") as tmp:  # a writer that is not write_text
-        tmp.write_bytes(b"\0" * 10)
+    with lio.atomic_path(tmp_path / "ckpt.safetensors") as tmp:  # the checkpoint writer recreates the file
+        save_file({"w": torch.zeros(3)}, str(tmp))
     plain = tmp_path / "plain.txt"
     plain.write_text("x")  # what the user expects: the mode of an ordinary new file
-    for name in ("results.json", "ckpt.bin"):
+    for name in ("results.json", "ckpt.safetensors"):
         assert stat.S_IMODE((tmp_path / name).stat().st_mode) == mode == stat.S_IMODE(plain.stat().st_mode)
 
 
