@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from open_clip.transformer import ResidualAttentionBlock
 from torch import nn
 
+from .errors import UserError
 from .moe import inject_moe_adapters
 from .moe.ddas import DDAS, ClipFeatures
 
@@ -167,6 +168,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--json", action="store_true", help="print the whole record as JSON")
     a = ap.parse_args(argv)
+    for opt, v, low in (("--experts", a.experts, 1), ("--top-k", a.top_k, 1), ("--repeats", a.repeats, 1),
+                        ("--threads", a.threads, 1)):
+        if v < low:
+            raise UserError(f"{opt} must be at least {low}, got {v}")
+    if a.top_k > a.experts:
+        raise UserError(f"--top-k {a.top_k} exceeds --experts {a.experts}")
     r = moe_cost(experts=a.experts, k=a.top_k, model=a.model, repeats=a.repeats, threads=a.threads)
     if a.json:
         print(json.dumps(r, indent=2))

@@ -39,6 +39,11 @@ def cmd_run(a) -> int:
     from .runner import output_dir, run
 
     only = [w.strip() for w in a.only.split(",") if w.strip()] if a.only else None
+    for opt, v in (("--stop-after", a.stop_after), ("--jobs", a.jobs)):
+        if v is not None and v < 1:
+            raise UserError(f"{opt} must be at least 1, got {v}")
+    if a.resume and a.overwrite:
+        raise UserError("give one of --resume (continue the run) and --overwrite (start it again), not both")
     if (a.jobs if a.jobs is not None else _jobs_in(a.config, a.overrides)) > 1:
         from .jobs import start_early
 
@@ -68,8 +73,11 @@ def cmd_run(a) -> int:
             from .compare import compare_runs
 
             dest = Path(os.path.commonpath([str(o.resolve()) for o in outs])) / "compare"
-            compare_runs(outs, dest)
-            print(f"\nplots and tables: {dest}")
+            try:
+                compare_runs(outs, dest)
+                print(f"\nplots and tables: {dest}")
+            except UserError as e:  # e.g. variants on different streams: the runs themselves are fine
+                print(f"\nno comparison plots: {e}")
     return 0
 
 
@@ -103,6 +111,8 @@ def cmd_pretrain(a) -> int:
         overrides.insert(0, a.config)
         a.config = None
     data = apply_overrides(read_yaml_tree(a.config) if a.config else {}, overrides)
+    if a.cache_dir and Path(a.cache_dir).exists() and not Path(a.cache_dir).is_dir():
+        raise UserError(f"--cache-dir {a.cache_dir}: exists and is not a directory")
     model = data.pop("model", PretrainConfig.model)
     path = resolve_synthetic(model, data, progress=not a.quiet, force=a.force, cache_dir=a.cache_dir)
     info = read_info(path)
@@ -198,6 +208,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except FileNotFoundError as e:  # e.g. a missing dataset directory
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:  # a path the user named cannot be used: a file where a directory goes, no permission
+        if e.filename is None:
+            raise
         print(f"error: {e}", file=sys.stderr)
         return 2
 

@@ -44,6 +44,7 @@ class RunResult:
     definitions: dict[str, str] = field(default_factory=dict)
     status: str = "complete"
     metric_kind: str = "accuracy"
+    task_classes: list = field(default_factory=list)  # per task: its class names as saved (or None)
 
     @property
     def num_tasks(self) -> int:
@@ -102,6 +103,8 @@ def load_run(path: str | Path, label: str | None = None) -> RunResult:
     zs = rec.get("zero_shot")
     if zs is not None and (not isinstance(zs, list) or len(zs) != T):
         raise RunFormatError(f"{rj}: 'zero_shot' must be null or a list of {T} entries")
+    if not isinstance(rec.get("metrics") or {}, dict):
+        raise RunFormatError(f"{rj}: 'metrics' must be an object of metric name -> {{value, definition}}")
     metrics, definitions = {}, {}
     for name, m in (rec.get("metrics") or {}).items():
         m = m if isinstance(m, dict) else {"value": m}
@@ -113,7 +116,9 @@ def load_run(path: str | Path, label: str | None = None) -> RunResult:
                      strategy=str(rec.get("strategy", "")), tasks=names,
                      zero_shot=None if zs is None else _floats(zs, "zero_shot", rj), matrix=matrix,
                      metrics=metrics, definitions=definitions, status=str(rec.get("status", "")),
-                     metric_kind=str(rec.get("metric_kind") or "accuracy"))
+                     metric_kind=str(rec.get("metric_kind") or "accuracy"),
+                     task_classes=[tuple(map(str, t["class_names"])) if isinstance(t, dict) and
+                                   isinstance(t.get("class_names"), list) else None for t in tasks])
 
 
 def _disambiguate(runs: list[RunResult]) -> list[RunResult]:
@@ -309,18 +314,33 @@ def _heatmaps(runs, tasks, path) -> Path:
     return _save(fig, path)
 
 
+def check_same_tasks(runs: list[RunResult]) -> None:
+    """Refuse runs on different streams: one run's task would be drawn under another's name."""
+    first = runs[0]
+    for r in runs[1:]:
+        diffs = [f"{first.num_tasks} tasks vs {r.num_tasks}"] if r.num_tasks != first.num_tasks else []
+        diffs += [f"task {j + 1}: {a!r} vs {b!r}" for j, (a, b) in enumerate(zip(first.tasks, r.tasks)) if a != b]
+        diffs += [f"task {j + 1} ({a!r}): other classes" for j, (a, b, ca, cb) in  # e.g. another class order
+                  enumerate(zip(first.tasks, r.tasks, first.task_classes, r.task_classes))
+                  if a == b and None not in (ca, cb) and ca != cb]
+        if not diffs:
+            continue
+        diff = "; ".join(diffs[:3]) + (f"; and {len(diffs) - 3} more" if len(diffs) > 3 else "")
+        raise RunFormatError(f"runs on different streams cannot be compared: {first.path} and {r.path} differ "
+                             f"({diff}); compare runs of one stream at a time")
+
+
 def compare_runs(run_dirs, out_dir, *, labels=None) -> dict[str, Path]:
     """Write forgetting_curves.png, average_accuracy.png, heatmaps.png, metrics.md and metrics.csv
     into ``out_dir`` (created) for the runs in ``run_dirs``; return ``{file name: path}``."""
     runs = load_runs(run_dirs, labels)
     if not runs:
         raise ValueError("compare_runs: no run directories given")
-    T = {r.num_tasks for r in runs}
-    if len(T) != 1:
-        raise RunFormatError("runs with different numbers of tasks cannot be plotted together: "
-                             + ", ".join(f"{r.path} ({r.num_tasks})" for r in runs))
+    check_same_tasks(runs)
     tasks = runs[0].tasks
     out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise UserError(f"-o {out}: exists and is not a directory")
     out.mkdir(parents=True, exist_ok=True)
     cmap = colormaps["tab10" if len(runs) <= 10 else "tab20"]
     colors = [cmap(i % cmap.N) for i in range(len(runs))]

@@ -8,10 +8,11 @@ from __future__ import annotations
 import copy
 import difflib
 from pathlib import Path
-from typing import Any, Literal, Optional, Union
+from typing import Annotated, Any, Literal, Optional, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, model_validator
+from pydantic import (AfterValidator, BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator,
+                      model_validator)
 from pydantic_core import PydanticCustomError
 
 from .errors import ConfigError
@@ -39,6 +40,21 @@ class Strict(BaseModel):
         return data
 
 
+def _check_template(t: str) -> str:
+    """A prompt template: ``str.format`` with one class name fills exactly one ``{}``."""
+    try:
+        filled = t.format("\0")
+    except (IndexError, KeyError, ValueError) as e:
+        raise ValueError(f"template {t!r} is not a format string with one '{{}}' for the class name ({e})") from None
+    if filled.count("\0") != 1:
+        raise ValueError(f"template {t!r} must hold exactly one '{{}}' (where the class name goes)")
+    return t
+
+
+Template = Annotated[str, AfterValidator(_check_template)]
+PositiveInt = Annotated[int, Field(gt=0)]
+
+
 class SplitSizes(Strict):
     """Deterministic subsampling: at most this many samples per class (None keeps all)."""
 
@@ -52,7 +68,7 @@ class SourceSpec(Strict):
     dataset: str
     path: Optional[str] = None
     name: Optional[str] = None
-    templates: Optional[list[str]] = None
+    templates: Optional[list[Template]] = Field(None, min_length=1)
     samples_per_class: Optional[SplitSizes] = None  # this dataset's own sizes; unset fields: the stream's
 
 
@@ -65,11 +81,13 @@ class StreamConfig(Strict):
     # class_incremental
     dataset: Optional[Union[str, SourceSpec]] = None
     num_experiences: Optional[int] = Field(None, gt=0)
-    classes_per_experience: Optional[list[int]] = None
+    classes_per_experience: Optional[list[PositiveInt]] = Field(None, min_length=1)
     class_order: Union[Literal["seed", "natural"], list[int]] = "seed"
     # multi_domain
-    domains: Optional[list[Union[str, SourceSpec]]] = None
+    domains: Optional[list[Union[str, SourceSpec]]] = Field(None, min_length=1)
     order: Optional[str] = None
+    # an ImageFolder image that cannot be decoded: refuse the stream (listing them) or leave it out
+    on_bad_image: Literal["error", "skip"] = "error"
 
     @model_validator(mode="after")
     def _kind_fields(self) -> "StreamConfig":
@@ -93,7 +111,7 @@ class BackboneConfig(Strict):
     # QuickGELU activations (OpenAI's CLIP weights were trained with them); None: decided from the
     # weights (an open_clip tag trained with QuickGELU, e.g. openai, or a "-quickgelu" model name)
     quick_gelu: Optional[bool] = None
-    templates: list[str] = ["a photo of a {}."]
+    templates: list[Template] = Field(["a photo of a {}."], min_length=1)
     dataset_templates: bool = True  # prefer a dataset's own templates when it ships some
     cache_text_features: bool = True
 
@@ -103,7 +121,7 @@ class OptimizerConfig(Strict):
     lr: float = Field(1e-3, gt=0)
     weight_decay: float = Field(0.0, ge=0)
     momentum: float = Field(0.9, ge=0)
-    betas: tuple[float, float] = (0.9, 0.999)
+    betas: tuple[Annotated[float, Field(ge=0, lt=1)], Annotated[float, Field(ge=0, lt=1)]] = (0.9, 0.999)
 
 
 class ScheduleConfig(Strict):
@@ -117,7 +135,7 @@ class TrainingConfig(Strict):
     batch_size: int = Field(32, gt=0)
     optimizer: OptimizerConfig = OptimizerConfig()
     schedule: ScheduleConfig = ScheduleConfig()
-    lr_per_experience: Optional[list[float]] = None
+    lr_per_experience: Optional[list[Annotated[float, Field(gt=0)]]] = Field(None, min_length=1)
     label_smoothing: float = Field(0.0, ge=0, lt=1)
     label_space: Literal["task", "seen"] = "task"
     prompt: Literal["first", "ensemble"] = "first"
@@ -145,6 +163,15 @@ class OutputConfig(Strict):
     dir: str = "runs/{name}"
     checkpoints: bool = True
 
+    @field_validator("dir")
+    @classmethod
+    def _dir_placeholders(cls, v: str) -> str:
+        try:
+            v.format(name="run")
+        except (IndexError, KeyError, ValueError) as e:
+            raise ValueError(f"{v!r}: '{{name}}' is the only placeholder it may hold ({e!r})") from None
+        return v
+
 
 class RuntimeConfig(Strict):
     """How a run uses the machine. ``threads`` is torch's intra-op thread count for the run (None:
@@ -153,13 +180,13 @@ class RuntimeConfig(Strict):
     in its own process (the CLI's ``--jobs`` overrides it); set ``threads`` with it, e.g. jobs 2 x 1
     thread on 2 cores."""
 
-    threads: Optional[int] = Field(None, ge=1)
+    threads: Optional[int] = Field(None, ge=1, le=1024)  # torch's OpenMP pool segfaults at 100000
     jobs: int = Field(1, ge=1)
 
 
 class RunConfig(Strict):
-    name: str = "run"
-    seed: int = 0
+    name: str = Field("run", min_length=1)
+    seed: int = Field(0, ge=0, lt=2**31)  # numpy seeds are 0..2**32-1; per-experience seeds add to it
     stream: StreamConfig
     backbone: BackboneConfig = BackboneConfig()
     strategy: StrategyConfig
@@ -198,13 +225,18 @@ def read_yaml_tree(path: str | Path, _seen: tuple = ()) -> dict:
         raise ConfigError(f"{path}: 'extends' forms a cycle")
     try:
         data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{path}: not UTF-8 text (byte 0x{e.object[e.start]:02x} at offset {e.start}); "
+                          "save it as UTF-8") from None
     except yaml.YAMLError as e:
-        raise ConfigError(f"{path}: malformed YAML: {e}") from None
+        raise ConfigError(f"{path}: malformed YAML: {' '.join(str(e).split())}") from None
     if data is None:
         data = {}
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: the top level must be a mapping of keys, got {type(data).__name__}")
     bases = data.pop("extends", None) or []
+    if not (isinstance(bases, str) or isinstance(bases, list) and all(isinstance(b, str) for b in bases)):
+        raise ConfigError(f"{path}: 'extends' must be a file name or a list of them, got {bases!r}")
     merged: dict = {}
     for b in [bases] if isinstance(bases, str) else bases:
         merged = deep_merge(merged, read_yaml_tree(path.parent / b, _seen + (path.resolve(),)))
@@ -241,7 +273,7 @@ def format_validation_error(err: ValidationError, prefix: str = "") -> str:
         if e["type"] == "missing":
             msg = "required key is missing"
         lines.append(f"{path}: {msg}")
-    return "invalid configuration:\n  " + "\n  ".join(lines)
+    return "invalid configuration: " + "; ".join(lines)  # one line: the CLI prints it as is
 
 
 def validate(data: dict) -> RunConfig:
@@ -265,6 +297,8 @@ def load_config(path: str | Path, overrides: list[str] | None = None, only: list
     base = read_yaml_tree(path)
     base.setdefault("name", Path(path).stem)
     overrides = list(overrides or [])
+    if any(o.partition("=")[0].strip().split(".")[0] == "variants" for o in overrides):
+        raise ConfigError("variants cannot be set by an override; edit them in the file (and pick some with --only)")
     variants = base.pop("variants", None)
     if variants is None:
         return [validate(apply_overrides(base, overrides))]

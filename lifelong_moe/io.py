@@ -1,4 +1,10 @@
-"""Atomic file writes: a reader never sees a half-written file, a crash never loses the old one."""
+"""Atomic file writes: a reader never sees a half-written file, a crash never loses the old one.
+
+Each file is written to a temporary name beside its target, flushed to disk (``fsync``), renamed
+over the target, and the directory is synced so the rename itself survives a power loss (the
+sequence ``write; fsync(file); rename; fsync(dir)``, see fsync(2) and rename(2)). The file gets the mode a plain ``open()`` would give
+it: ``0o666`` less the umask.
+"""
 from __future__ import annotations
 
 import json
@@ -11,24 +17,61 @@ from typing import Any, Iterator
 import yaml
 
 
+def default_file_mode() -> int:
+    """``0o666 & ~umask``: the mode ``open(path, "w")`` gives a new file."""
+    return 0o666 & ~current_umask()
+
+
+def current_umask() -> int:
+    """The process umask, read from /proc (Linux) without changing it; else set and restored."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    umask = os.umask(0o022)  # elsewhere reading the umask means setting it; restored at once
+    os.umask(umask)
+    return umask
+
+
+def fsync_path(path: str | Path, directory: bool = False) -> None:
+    """Flush a file's (or a directory's entries') data to disk."""
+    fd = os.open(path, os.O_RDONLY | (os.O_DIRECTORY if directory else 0))
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 @contextmanager
 def atomic_path(path: str | Path) -> Iterator[Path]:
-    """Yield a temporary path beside ``path``; on success it replaces ``path`` in one step."""
+    """Yield a temporary path beside ``path`` for the caller to write (and close); on success it is
+    synced and replaces ``path`` in one step, and the directory is synced."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     try:
         yield Path(tmp)
+        # mkstemp creates 0600, and some writers (safetensors) recreate the file so: set the usual mode last
+        os.chmod(tmp, default_file_mode())
+        fsync_path(tmp)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+    try:
+        fsync_path(path.parent, directory=True)
+    except OSError:  # some file systems cannot sync a directory; the data itself is synced
+        pass
 
 
 def write_text(path: str | Path, text: str) -> None:
     with atomic_path(path) as tmp:
-        tmp.write_text(text, encoding="utf-8")
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
 
 
 def write_json(path: str | Path, obj: Any) -> None:

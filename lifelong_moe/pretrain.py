@@ -32,7 +32,7 @@ import queue
 import sys
 import threading
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Callable, Iterator, Sequence, TypeVar
 
@@ -41,6 +41,7 @@ import torch
 import torch.nn.functional as F
 
 from .clip import MODEL_CONFIG_DIR, create_clip, encode_text, image_stats, register_model_configs
+from .errors import UserError
 from .io import atomic_path, write_text
 from .threads import torch_threads
 
@@ -76,6 +77,26 @@ class PretrainConfig:
     eval_test_per_class: int = 50
     eval_seed: int = 0
 
+    def __post_init__(self) -> None:
+        """Types as the defaults have them and the bounds training needs (ValueError names the field)."""
+        for f in fields(self):
+            v, kind = getattr(self, f.name), type(f.default)
+            accepted = {float: (int, float), int: int}.get(kind, kind)  # an int where a float goes is fine
+            if not isinstance(v, accepted) or (isinstance(v, bool) and kind is not bool):
+                raise ValueError(f"{f.name}: expected {kind.__name__}, got {v!r}")
+        positive = ("steps", "batch_size", "lr", "supervised_lr", "threads", "eval_test_per_class")
+        fractions = ("min_lr_ratio", "focus", "p_attr", "supervised_min_lr_ratio")
+        for name in positive:
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name}: must be greater than 0, got {getattr(self, name)}")
+        for name in ("seed", "eval_seed", "warmup_steps", "supervised_steps", "weight_decay", "clip_weight",
+                     "bank_weight"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name}: must not be negative, got {getattr(self, name)}")
+        for name in fractions:
+            if not 0 <= getattr(self, name) <= 1:
+                raise ValueError(f"{name}: must be in [0, 1], got {getattr(self, name)}")
+
     def key_dict(self) -> dict:
         d = asdict(self)
         for k in ("eval_test_per_class", "eval_seed", "threads"):
@@ -97,7 +118,7 @@ def model_config(name: str) -> dict:
     register_model_configs()
     cfg = open_clip.get_model_config(name)
     if cfg is None:
-        raise ValueError(f"unknown open_clip model {name!r}")
+        raise UserError(f"model: unknown open_clip model {name!r}")
     return cfg
 
 

@@ -5,15 +5,22 @@
     matrix.csv        the accuracy matrix, zero-shot row first
     log.jsonl         per-step loss and learning rate
     checkpoints/exp_NNN.safetensors   trainable state after experience NNN
+    .lock             held by the process running in the directory (its pid inside)
 
 Every file is replaced atomically; ``results.json`` is written last, so its ``matrix`` never
-claims an experience whose checkpoint is missing.
+claims an experience whose checkpoint is missing. One process at a time runs in a directory: it
+holds an OS file lock (``filelock``, flock on Unix) on ``.lock`` for the life of the run, which the
+OS drops when the process ends, however it ends.
 """
 from __future__ import annotations
 
 import csv
 import io
+import json
 import math
+import os
+import socket
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -26,6 +33,7 @@ from .io import atomic_path, read_json, read_jsonl, write_json, write_jsonl, wri
 from .provenance import versions
 
 SCHEMA_VERSION = 1
+LOCK_NAME = ".lock"
 
 
 def new_record(cfg: RunConfig, stream, metric_kind: str, params: dict) -> dict:
@@ -45,6 +53,7 @@ def new_record(cfg: RunConfig, stream, metric_kind: str, params: dict) -> dict:
         "params": params,
         "timings": {},
         "extra": {},
+        "skipped_images": dict(getattr(stream, "skipped_images", {})),  # stream.on_bad_image: skip
     }
 
 
@@ -80,24 +89,150 @@ def _finite(x):
     return x
 
 
+def _numbers(row, n: int) -> bool:
+    return isinstance(row, list) and len(row) == n and all(
+        v is None or (isinstance(v, (int, float)) and not isinstance(v, bool)) for v in row)
+
+
+def validate_record(rec, rj: Path) -> dict:
+    """Check what the loaders rely on in a results.json; a UserError names the file and the key."""
+    if not isinstance(rec, dict):
+        raise UserError(f"{rj}: expected a JSON object at the top level, got {type(rec).__name__}")
+    if rec.get("schema_version") != SCHEMA_VERSION:
+        raise UserError(f"{rj} has schema_version {rec.get('schema_version')!r}; this version reads {SCHEMA_VERSION}")
+    tasks = rec.get("tasks")
+    if not isinstance(tasks, list) or not tasks or \
+            not all(isinstance(t, dict) and isinstance(t.get("name"), str) for t in tasks):
+        raise UserError(f"{rj}: 'tasks' must be a non-empty list of objects with a 'name'")
+    T = len(tasks)
+    rows = rec.get("matrix")
+    if not isinstance(rows, list) or len(rows) > T or not all(_numbers(r, T) for r in rows):
+        raise UserError(f"{rj}: 'matrix' must be a list of at most {T} rows of {T} numbers or null")
+    if rec.get("zero_shot") is not None and not _numbers(rec["zero_shot"], T):
+        raise UserError(f"{rj}: 'zero_shot' must be null or a list of {T} numbers or null")
+    for key, kind in (("name", str), ("status", str), ("metrics", dict), ("extra", dict), ("timings", dict)):
+        if rec.get(key) is not None and not isinstance(rec[key], kind):
+            raise UserError(f"{rj}: '{key}' must be a{'n object' if kind is dict else ' string'}, "
+                            f"got {type(rec[key]).__name__}")
+    if rec.get("timings") and not isinstance(rec["timings"].get("experiences"), list):
+        raise UserError(f"{rj}: 'timings.experiences' must be a list")
+    return rec
+
+
+def read_record(rj: Path) -> dict:
+    try:
+        rec = read_json(rj)
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise UserError(f"{rj} is not valid JSON ({e}); the file is damaged") from None
+    return validate_record(rec, rj)
+
+
+def _writable_dir(path: Path) -> None:
+    """Refuse, before anything is written, an output path that cannot become a directory."""
+    if path.exists() and not path.is_dir():
+        raise UserError(f"output directory {path} exists and is not a directory; choose another -o / output.dir")
+    parent = next((p for p in path.parents if p.exists()), None)
+    if path.exists() or parent is None:
+        return
+    if not parent.is_dir():
+        raise UserError(f"output directory {path}: {parent} is a file, not a directory")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise UserError(f"output directory {path}: no permission to create it in {parent}")
+
+
 class RunDir:
     def __init__(self, path: str | Path):
         self.path = Path(path)
+        self._lock = None  # filelock.FileLock while this process runs in the directory
 
     def ckpt(self, i: int) -> Path:
         return self.path / "checkpoints" / f"exp_{i:03d}.safetensors"
 
+    # ------------------------------------------------------------------------------------ lock
+    def _file_lock(self, **kw):
+        from filelock import FileLock
+
+        return FileLock(self.path / LOCK_NAME, timeout=0, thread_local=False, **kw)
+
+    def _held_error(self) -> UserError:
+        try:
+            holder = (self.path / LOCK_NAME).read_text(encoding="utf-8").split()
+        except (OSError, UnicodeDecodeError):
+            holder = []
+        who = f"pid {holder[0]}" + (f" on {holder[1]}" if len(holder) > 1 and holder[1] != socket.gethostname()
+                                     else "") if holder else "a process whose pid is not recorded"
+        return UserError(f"{self.path} is in use by another run ({who}); wait for it to finish or stop it, "
+                         "then --resume")
+
+    def check_unlocked(self) -> None:
+        """Refuse a directory another process is running in; writes nothing."""
+        from filelock import Timeout
+
+        if (self._lock is not None and self._lock.is_locked) or not (self.path / LOCK_NAME).is_file():
+            return
+        probe = self._file_lock()
+        try:
+            probe.acquire(blocking=False)
+        except Timeout:
+            raise self._held_error() from None
+        probe.release()
+
+    def hold(self) -> None:
+        """Hold the directory (created if needed) for this process, our pid and host in the lock
+        file; a UserError naming the holder if another process holds it."""
+        from filelock import Timeout
+
+        def note_holder(fd: int) -> None:
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"{os.getpid()} {socket.gethostname()}\n".encode(), 0)
+
+        self.path.mkdir(parents=True, exist_ok=True)
+        lock = self._file_lock(on_acquired=note_holder)
+        try:
+            lock.acquire(blocking=False)
+        except Timeout:
+            raise self._held_error() from None
+        self._lock = lock
+
+    def acquire(self, cfg: RunConfig, *, resume: bool, overwrite: bool) -> dict:
+        """:meth:`hold`, then :meth:`check_start` again now that no other process can change the directory."""
+        self.hold()
+        return self.check_start(cfg, resume=resume, overwrite=overwrite)
+
+    def release(self) -> None:
+        if self._lock is not None:
+            self._lock.release()
+            self._lock = None
+
+    @contextmanager
+    def releasing(self):
+        """Release the lock :meth:`acquire` may take inside this block when the block ends."""
+        try:
+            yield self
+        finally:
+            self.release()
+
+    # ------------------------------------------------------------------------------------ state
     def check_start(self, cfg: RunConfig, *, resume: bool, overwrite: bool) -> dict:
         """Validate the directory for a new run or a resume; return the saved record (or {})."""
         rj = self.path / "results.json"
+        _writable_dir(self.path)
+        self.check_unlocked()
         if resume:
             if not rj.is_file():
                 raise UserError(f"--resume: no run to resume at {self.path} (results.json missing)")
-            state = read_json(rj)
-            if state.get("schema_version") != SCHEMA_VERSION:
-                raise UserError(f"--resume: {rj} has schema_version {state.get('schema_version')}, "
-                                f"this version writes {SCHEMA_VERSION}")
-            saved = yaml.safe_load((self.path / "config.yaml").read_text())
+            try:
+                state = read_record(rj)
+            except UserError as e:
+                raise UserError(f"--resume: {e}") from None
+            cy = self.path / "config.yaml"
+            try:
+                saved = yaml.safe_load(cy.read_text(encoding="utf-8"))
+            except (OSError, UnicodeDecodeError, yaml.YAMLError) as e:
+                raise UserError(f"--resume: cannot read the saved configuration {cy}: "
+                                f"{' '.join(str(e).split())}") from None
+            if not isinstance(saved, dict):
+                raise UserError(f"--resume: {cy} does not hold a configuration (a mapping of keys)")
             now = cfg.to_dict()
             diff = sorted(k for k in set(saved) | set(now) if saved.get(k) != now.get(k) and k not in ("output", "runtime"))
             if diff:
@@ -152,7 +287,9 @@ class RunDir:
 
 
 def load_record(path: str | Path) -> dict:
-    rj = Path(path) / "results.json"
+    """The validated record of a run directory (or of its results.json)."""
+    path = Path(path)
+    rj = path if path.name == "results.json" and path.is_file() else path / "results.json"
     if not rj.is_file():
         raise UserError(f"no results.json in {path}")
-    return read_json(rj)
+    return read_record(rj)

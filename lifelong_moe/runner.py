@@ -61,16 +61,18 @@ def build(cfg: RunConfig, progress: bool = True):
 def run(cfg: RunConfig, out: str | Path | None = None, *, resume: bool = False, overwrite: bool = False,
         stop_after: int | None = None, progress: bool = True, log=print) -> Path:
     """Run (or resume) one configuration; return the results directory."""
-    with torch_threads(cfg.runtime.threads):
-        return _run(cfg, out, resume=resume, overwrite=overwrite, stop_after=stop_after, progress=progress, log=log)
+    run_dir = R.RunDir(output_dir(cfg, out))
+    with torch_threads(cfg.runtime.threads), run_dir.releasing():  # the directory's lock ends with the run
+        return _run(cfg, run_dir, resume=resume, overwrite=overwrite, stop_after=stop_after, progress=progress,
+                    log=log)
 
 
-def _run(cfg: RunConfig, out, *, resume, overwrite, stop_after, progress, log) -> Path:
-    out = output_dir(cfg, out)
-    run_dir = R.RunDir(out)
+def _run(cfg: RunConfig, run_dir: R.RunDir, *, resume, overwrite, stop_after, progress, log) -> Path:
+    out = run_dir.path
     state = run_dir.check_start(cfg, resume=resume, overwrite=overwrite)  # raises before any write
     t0 = time.perf_counter()
     stream, strategy, evaluator = build(cfg, progress)
+    state = run_dir.acquire(cfg, resume=resume, overwrite=overwrite)  # one process per directory, checked again
     timings = state.get("timings") or {"setup_s": 0.0, "zero_shot_eval_s": None, "experiences": []}
     timings["setup_s"] = round(time.perf_counter() - t0, 3)
     timings["torch_threads"] = torch.get_num_threads()

@@ -26,7 +26,7 @@ class Params(StrategyParams):
     mode: Literal["separate", "online"] = "separate"
     decay: float = Field(1.0, ge=0)
     fisher_batches: int = Field(16, gt=0)
-    towers: list[Literal["image", "text"]] = ["image"]
+    towers: list[Literal["image", "text"]] = Field(["image"], min_length=1)
 
 
 class EWCPlugin(SupervisedPlugin, StatefulPlugin):

@@ -1,12 +1,14 @@
 """Sequential fine-tuning of CLIP's image tower (or both towers): the classic lower bound."""
 from typing import Literal
 
+from pydantic import Field
+
 from .base import ClipStrategy, StrategyParams
 
 
 class Params(StrategyParams):
     name: Literal["finetune"] = "finetune"
-    towers: list[Literal["image", "text"]] = ["image"]
+    towers: list[Literal["image", "text"]] = Field(["image"], min_length=1)
 
 
 def unfreeze_towers(model, towers) -> None:

@@ -13,6 +13,8 @@ the default keeps the backbone bit-identical.
 """
 from typing import Literal
 
+from pydantic import Field
+
 from .base import ClipStrategy, StrategyParams
 
 TOWER_PREFIX = {"image": r"visual\.transformer", "text": r"transformer"}
@@ -20,11 +22,11 @@ TOWER_PREFIX = {"image": r"visual\.transformer", "text": r"transformer"}
 
 class Params(StrategyParams):
     name: Literal["lora"] = "lora"
-    r: int = 8
-    alpha: float = 16.0
-    dropout: float = 0.0
-    towers: list[Literal["image", "text"]] = ["image", "text"]
-    targets: list[Literal["c_fc", "c_proj", "attn"]] = ["c_fc", "c_proj"]
+    r: int = Field(8, gt=0)  # peft: a positive rank
+    alpha: float = Field(16.0, gt=0)
+    dropout: float = Field(0.0, ge=0, lt=1)  # torch.nn.Dropout: a probability (1 would drop everything)
+    towers: list[Literal["image", "text"]] = Field(["image", "text"], min_length=1)
+    targets: list[Literal["c_fc", "c_proj", "attn"]] = Field(["c_fc", "c_proj"], min_length=1)
 
 
 def target_regex(towers, targets) -> str:

@@ -21,7 +21,7 @@ class Params(StrategyParams):
     name: Literal["lwf"] = "lwf"
     alpha: float = Field(1.0, ge=0)
     temperature: float = Field(2.0, gt=0)
-    towers: list[Literal["image", "text"]] = ["image"]
+    towers: list[Literal["image", "text"]] = Field(["image"], min_length=1)
 
 
 class LwFPlugin(SupervisedPlugin, StatefulPlugin):

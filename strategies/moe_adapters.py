@@ -20,7 +20,7 @@ import contextlib
 from typing import Literal, Optional, Union
 
 import torch
-from pydantic import Field
+from pydantic import Field, model_validator
 from torch.utils.data import DataLoader, Subset
 
 from lifelong_moe.config import SourceSpec, Strict
@@ -69,7 +69,7 @@ class Params(StrategyParams):
     bottleneck: int = Field(64, gt=0)
     scale: float = 0.1
     dropout: float = Field(0.1, ge=0, lt=1)
-    towers: list[Literal["image", "text"]] = ["image", "text"]
+    towers: list[Literal["image", "text"]] = Field(["image", "text"], min_length=1)
     route_token: Literal["first", "eot"] = "first"  # text tower; images always route on CLS
     noise: bool = True  # noisy gating in training (never in eval)
     aux_loss_weight: float = Field(0.0, ge=0)
@@ -77,6 +77,13 @@ class Params(StrategyParams):
     grow_per_task: int = Field(0, ge=0)
     router_per_task: bool = True  # false: one router shared by all tasks (CIL variant)
     ddas: DDASParams = DDASParams()
+
+    @model_validator(mode="after")
+    def _at_most_num_experts(self) -> "Params":
+        for key in ("top_k", "freeze_top_k"):
+            if getattr(self, key) > self.num_experts:
+                raise ValueError(f"{key}={getattr(self, key)} exceeds num_experts={self.num_experts}")
+        return self
 
 
 def freeze_choice(usage: dict, k: int) -> dict:

@@ -22,7 +22,7 @@ class Params(StrategyParams):
     memory_size: int = Field(200, gt=0)
     replay_batch_size: int | None = Field(None, gt=0)  # default: the training batch size
     weight: float = Field(1.0, ge=0)
-    towers: list[Literal["image", "text"]] = ["image"]
+    towers: list[Literal["image", "text"]] = Field(["image"], min_length=1)
 
 
 class ReplayPlugin(SupervisedPlugin, StatefulPlugin):

@@ -8,7 +8,7 @@
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -27,6 +27,7 @@ class Stream:
     kind: str
     benchmark: object
     tasks: list[TaskInfo]
+    skipped_images: dict[str, int] = field(default_factory=dict)  # dataset -> unreadable files left out
 
     def __len__(self) -> int:
         return len(self.tasks)
@@ -66,7 +67,7 @@ def load_data(spec: SourceSpec, cfg: StreamConfig, seed: int) -> ClassificationD
     from .sources import load_source
 
     data = load_source(spec.dataset, root=data_root(cfg), download=cfg.download, seed=seed,
-                       path=spec.path, test_fraction=cfg.test_fraction)
+                       path=spec.path, test_fraction=cfg.test_fraction, on_bad_image=cfg.on_bad_image)
     sizes = cfg.samples_per_class
     if spec.samples_per_class is not None:
         own = spec.samples_per_class
@@ -119,9 +120,11 @@ def split_sizes(cfg: StreamConfig, n_classes: int) -> list[int]:
 def build_stream(cfg: StreamConfig, transform: ImageTransform, seed: int) -> Stream:
     from avalanche.benchmarks.scenarios import benchmark_from_datasets, class_incremental_benchmark
 
+    skipped = {}
     if cfg.kind == "class_incremental":
         spec = _spec(cfg.dataset)
         data = load_data(spec, cfg, seed)
+        skipped[data.name] = data.meta.get("skipped_images", 0)
         space = LabelSpace(data.name, tuple(data.class_names), tuple(data.templates) if data.templates else None)
         order = class_order(cfg, len(data.class_names), seed)
         sizes = split_sizes(cfg, len(data.class_names))
@@ -143,6 +146,7 @@ def build_stream(cfg: StreamConfig, transform: ImageTransform, seed: int) -> Str
         trains, tests, tasks = [], [], []
         for i, spec in enumerate(specs):
             data = load_data(spec, cfg, seed)
+            skipped[data.name] = data.meta.get("skipped_images", 0)
             space = LabelSpace(data.name, tuple(data.class_names), tuple(data.templates) if data.templates else None)
             train, test = transformed(data, transform)
             trains.append(_avalanche(train, data.train_targets))
@@ -154,7 +158,7 @@ def build_stream(cfg: StreamConfig, transform: ImageTransform, seed: int) -> Str
     for s in (bm.train_stream, bm.test_stream):
         for exp, info in zip(s, tasks):
             exp.task_info, exp.task_name, exp.class_names = info, info.name, info.class_names
-    return Stream(cfg.kind, bm, tasks)
+    return Stream(cfg.kind, bm, tasks, {k: n for k, n in skipped.items() if n})
 
 
 def eval_classes(tasks: list[TaskInfo], row: int, col: int, mode: str) -> tuple[int, ...]:
