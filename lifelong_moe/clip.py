@@ -214,15 +214,20 @@ class ClipClassifier(nn.Module):
         return F.normalize(feats.mean(dim=1), dim=-1)
 
     def text_features(self, head: Head) -> torch.Tensor:
-        """Class embeddings: mean of normalised prompt features over templates, renormalised."""
+        """Class embeddings: mean of normalised prompt features over templates, renormalised. Cached
+        in fp32 on the model's device (whatever autocast they were computed under)."""
         cacheable = self.cache_text and not (self.training and self.text_tower_trainable())
         if cacheable and head.key in self._text_cache:
             return self._text_cache[head.key]
         with torch.set_grad_enabled(torch.is_grad_enabled() and not cacheable):
             feats = self.encode_head(head)
         if cacheable:
-            feats = self._text_cache[head.key] = feats.detach()
+            feats = self._text_cache[head.key] = feats.detach().float()
         return feats
+
+    def _apply(self, fn, *args, **kwargs):
+        self._text_cache.clear()  # .to(device) / dtype casts: cached features belong to the old ones
+        return super()._apply(fn, *args, **kwargs)
 
     def train(self, mode: bool = True) -> "ClipClassifier":
         if mode and self.text_tower_trainable():

@@ -17,6 +17,7 @@ import torch
 from . import results as R
 from .clip import ClipClassifier
 from .config import RunConfig
+from .device import check_precision, describe_device, resolve_device
 from .errors import UserError
 from .evaluator import ClassificationEvaluator
 from .registry import strategy_class
@@ -38,6 +39,8 @@ def build(cfg: RunConfig, progress: bool = True):
     from .streams.builder import build_stream
     from .streams.transforms import ImageTransform
 
+    device = resolve_device(cfg.runtime.device)  # an unavailable device fails first
+    check_precision(device, cfg.runtime.precision)
     seed_everything(cfg.seed)
     b = cfg.backbone
     model = ClipClassifier.from_config(b.name, b.pretrained, b.cache_text_features, b.pretrain, progress)
@@ -51,7 +54,8 @@ def build(cfg: RunConfig, progress: bool = True):
                         f"for {len(stream.tasks)} experiences")
     seed_everything(cfg.seed)
     strategy = strategy_class(cfg.strategy.name)(model=model, cfg=cfg, params=cfg.strategy_params(),
-                                                 tasks=stream.tasks, progress=progress)
+                                                 tasks=stream.tasks, device=device,
+                                                 precision=cfg.runtime.precision, progress=progress)
     strategy.train_datasets = [e.dataset for e in stream.train_stream]
     return stream, strategy, ClassificationEvaluator(stream, cfg.evaluation, progress)
 
@@ -76,6 +80,7 @@ def _run(cfg: RunConfig, out, *, resume, overwrite, stop_after, progress, log) -
     record = R.new_record(cfg, stream, evaluator.metric_kind, strategy.parameter_counts()) if not resume \
         else state
     record["timings"] = timings
+    R.record_runtime(record, describe_device(strategy.device), cfg.runtime.precision)
     if not resume:
         run_dir.start(cfg, record)
     elif done:

@@ -191,7 +191,7 @@ class BottleneckExperts(StackedExperts):
             if U == 1:
                 res.add_(y)
             else:
-                res.index_add_(0, rows, y)
+                res.index_add_(0, rows, y.to(res.dtype))  # autocast: y may be in lower precision
         return res
 
     def expert_forward(self, i: int, h: torch.Tensor) -> torch.Tensor:
