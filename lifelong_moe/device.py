@@ -20,12 +20,13 @@ PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float
 
 
 def resolve_device(spec: str = "auto") -> torch.device:
-    """``auto``: the first CUDA device if torch sees one, else the CPU; ``cpu``, ``cuda`` (the current
-    CUDA device), ``cuda:N``, ``mps``: that device, which must exist (UserError otherwise)."""
+    """``auto``: the first CUDA device (``cuda:0``) if torch sees one, else the CPU; ``cpu``, ``cuda``
+    (``cuda:0``), ``cuda:N``, ``mps``: that device, which must exist (UserError otherwise). Creates no
+    CUDA context."""
     if not re.fullmatch(DEVICE_PATTERN, spec):
         raise UserError(f"runtime.device: {spec!r} is not a device; use auto, cpu, cuda, cuda:N or mps")
     if spec == "auto":
-        return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+        return torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu")
     dev = torch.device(spec)
     if dev.type == "cuda":
         n = torch.cuda.device_count() if torch.cuda.is_available() else 0
@@ -33,7 +34,7 @@ def resolve_device(spec: str = "auto") -> torch.device:
             built = f"built with CUDA {torch.version.cuda}" if torch.version.cuda else "built without CUDA"
             raise UserError(f"runtime.device: {spec!r} is not available: torch {torch.__version__} ({built}) "
                             "sees no CUDA device; use runtime.device: auto or cpu")
-        index = torch.cuda.current_device() if dev.index is None else dev.index
+        index = dev.index or 0
         if index >= n:
             raise UserError(f"runtime.device: {spec!r} is not available: torch sees {n} CUDA device(s), "
                             f"cuda:0 to cuda:{n - 1}")
@@ -49,7 +50,7 @@ def check_precision(device: str | torch.device, precision: str) -> None:
     if precision not in PRECISIONS:
         raise UserError(f"runtime.precision: {precision!r} is not one of {', '.join(PRECISIONS)}")
     dev = torch.device(device)
-    if precision == "bf16" and dev.type == "cuda" and not torch.cuda.is_bf16_supported():
+    if precision == "bf16" and dev.type == "cuda" and not torch.cuda.is_bf16_supported(including_emulation=False):
         raise UserError(f"runtime.precision: bf16 is not supported by {describe_device(dev)}; use fp16 or fp32")
 
 
@@ -57,7 +58,7 @@ def describe_device(device: str | torch.device) -> str:
     """``cpu``, ``mps`` or ``cuda:N (<GPU name>)``, as recorded in results.json."""
     dev = torch.device(device)
     if dev.type == "cuda":
-        index = torch.cuda.current_device() if dev.index is None else dev.index
+        index = dev.index or 0
         return f"cuda:{index} ({torch.cuda.get_device_name(index)})"
     return str(dev)
 
@@ -69,12 +70,17 @@ def autocast(device: str | torch.device, precision: str):
     return torch.autocast(device_type=torch.device(device).type, dtype=PRECISIONS[precision])
 
 
+def autocast_active(device: str | torch.device) -> bool:
+    """Whether an autocast is in effect for ``device``'s type (False for types without autocast)."""
+    kind = torch.device(device).type
+    return torch.amp.is_autocast_available(kind) and torch.is_autocast_enabled(kind)
+
+
 def full_precision(device: str | torch.device):
     """Context that switches an enclosing autocast off (fp32 islands, e.g. small auxiliary models
     whose decisions are thresholded); a no-op when no autocast is active."""
-    kind = torch.device(device).type
-    if kind in ("cpu", "cuda", "mps", "xpu") and torch.is_autocast_enabled(kind):
-        return torch.autocast(device_type=kind, enabled=False)
+    if autocast_active(device):
+        return torch.autocast(device_type=torch.device(device).type, enabled=False)
     return contextlib.nullcontext()
 
 

@@ -34,13 +34,20 @@ def output_dir(cfg: RunConfig, override: str | Path | None = None) -> Path:
     return Path(override) if override else Path(cfg.output.dir.format(name=cfg.name))
 
 
+def resolve_runtime(cfg: RunConfig) -> torch.device:
+    """The run's device (``runtime.device`` resolved); UserError if it or ``runtime.precision`` is not
+    available here. Writes nothing."""
+    device = resolve_device(cfg.runtime.device)
+    check_precision(device, cfg.runtime.precision)
+    return device
+
+
 def build(cfg: RunConfig, progress: bool = True):
     """Backbone, stream, strategy, evaluator; raises UserError on bad input, writes nothing."""
     from .streams.builder import build_stream
     from .streams.transforms import ImageTransform
 
-    device = resolve_device(cfg.runtime.device)  # an unavailable device fails first
-    check_precision(device, cfg.runtime.precision)
+    device = resolve_runtime(cfg)  # an unavailable device fails first
     seed_everything(cfg.seed)
     b = cfg.backbone
     model = ClipClassifier.from_config(b.name, b.pretrained, b.cache_text_features, b.pretrain, progress)
