@@ -132,7 +132,7 @@ def encode_text(clip: nn.Module, tokens: torch.Tensor, buckets: int = 1) -> torc
     mask = getattr(clip, "attn_mask", None)
     if (getattr(clip, "text_pool_type", None) != "argmax" or not isinstance(mask, torch.Tensor)
             or not hasattr(clip, "token_embedding") or tokens.shape[0] == 0):
-        return clip.encode_text(tokens.to(next(clip.parameters()).device))
+        return clip.encode_text(tokens.to(next(clip.parameters(), tokens).device))
     if buckets <= 1:
         return _encode_text_trimmed(clip, tokens)
     out = None

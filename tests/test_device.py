@@ -5,7 +5,8 @@ Without a GPU the device plumbing is exercised on torch's ``meta`` device: a str
 trains and evaluates with every data-dependent read (``.item()``, ``.cpu()``, ``nonzero``) faked, so
 any tensor created on the CPU where the model's device was meant (a ``torch.zeros(n)`` without
 ``device``, a forgotten ``.to(device)``, a hard-coded ``.cpu()`` feeding a model op) meets a meta
-tensor in an op and raises, as it would on a GPU.
+tensor in an op and raises, as it would on a GPU. Where torch sees a GPU, the same test also runs on
+CUDA, and a few end-to-end runs on the GPU are added.
 """
 import json
 
@@ -110,7 +111,7 @@ def losses(d):
 @pytest.mark.parametrize("name", ["lora", "moe_adapters"])
 def test_cpu_fp32_numbers_are_those_from_before_devices_existed(tmp_path, name):
     params = {"name": name, **({"r": 4} if name == "lora" else REF_MOE)}
-    out = run(tiny_config(params, **REF), tmp_path / "auto", progress=False, log=quiet)
+    out = run(tiny_config(params, runtime__device="cpu", **REF), tmp_path / "cpu", progress=False, log=quiet)
     matrix, (total, at18, last) = BEFORE[name]
     assert record(out)["matrix"] == matrix and record(out)["zero_shot"] == [0.25, THIRD, THIRD]
     ls = losses(out)
@@ -122,7 +123,7 @@ def test_cpu_fp32_numbers_are_those_from_before_devices_existed(tmp_path, name):
 def test_device_cpu_and_auto_give_bit_identical_runs(tmp_path):
     from safetensors.torch import load_file
 
-    base = tiny_config({"name": "moe_adapters", **REF_MOE}, **{**REF, "training__epochs": 1})
+    base = tiny_config({"name": "moe_adapters", **REF_MOE}, **{**REF, "training__epochs": 1})  # device: auto
     cpu = run(base.model_copy(update={"runtime": base.runtime.model_copy(update={"device": "cpu"})}),
               tmp_path / "cpu", progress=False, log=quiet)
     auto = run(base, tmp_path / "auto", progress=False, log=quiet)
@@ -198,30 +199,32 @@ def assert_on(s, device: str) -> None:
     assert all(t.dtype in (torch.float32, torch.long, torch.bool) for t in tensors.values())
 
 
+@pytest.mark.parametrize("device", ["meta"] + (["cuda"] if GPU else []))
 @pytest.mark.parametrize("name, extra", STRATEGIES, ids=IDS)
-def test_every_tensor_follows_the_model_device_through_training_and_evaluation(small, name, extra):
+def test_every_tensor_follows_the_model_device_through_training_and_evaluation(small, name, extra, device):
     cfg = tiny_config({"name": name, **extra}, **SMALL)
     stream, evaluator = small
-    s = on_device(cfg, stream, "meta")
+    s = on_device(cfg, stream, device)
     for m in s.model.modules():  # the grouped inference path sorts by data (unique): gather per sample
         if isinstance(m, StackedExperts):
             m.group_min = 0
     task = stream.tasks[0]
     s.model.text_features(s.head_for(task, task.classes, "first"))  # cached text features
-    assert_on(s, "meta")
+    assert_on(s, device)
     with MetaReads():
         for exp in stream.train_stream if s.trains else []:
             s.train(exp, eval_streams=[])
         evaluator.row(s, len(stream.tasks) - 1)
         state = s.state_dict()
-    assert_on(s, "meta")
+    assert_on(s, device)
     assert all(v.device.type == "cpu" for v in state.values())  # checkpoints: CPU copies, device-independent
     if name == "moe_adapters":
-        assert len(s.ddas.task_aes) == 2 and s.ddas.reference is not None  # fitted on meta too
+        assert len(s.ddas.task_aes) == 2 and s.ddas.reference is not None  # fitted there too
     if name == "ewc":
         assert len(s.plugins[0].terms) == 2
 
 
+@pytest.mark.filterwarnings("ignore:for .*copying from a non-meta parameter")  # meta: loading is a no-op
 @pytest.mark.parametrize("name, extra", [(n, e) for n, e in STRATEGIES[1:7]], ids=IDS[1:7])
 def test_a_cpu_checkpoint_resumes_onto_another_device(small, name, extra):
     cfg = tiny_config({"name": name, **extra}, **SMALL)
@@ -298,6 +301,16 @@ def test_fp32_uses_no_autocast_and_no_scaler():
         with D.full_precision("cpu"):
             assert not D.autocast_active("cpu")
     assert not D.grad_scaler("cpu", "fp32").is_enabled() and not D.grad_scaler("cpu", "bf16").is_enabled()
+
+
+@pytest.mark.skipif(not GPU, reason="needs a CUDA GPU")
+@pytest.mark.parametrize("precision", ["fp32", "bf16", "fp16"])
+def test_a_gpu_run_completes_and_records_its_device(tmp_path, precision):
+    out = run(tiny_config({"name": "moe_adapters", **MOE}, runtime__device="cuda", runtime__precision=precision,
+                          **TINY), tmp_path / "r", progress=False, log=quiet)
+    r = record(out)
+    assert r["status"] == "complete" and all(0.0 <= a <= 1.0 for row in r["matrix"] for a in row)
+    assert r["runtime"] == {"device": f"cuda:0 ({torch.cuda.get_device_name(0)})", "precision": precision}
 
 
 # ----------------------------------------------------------------------------- recording
