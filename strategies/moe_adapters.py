@@ -235,7 +235,8 @@ class Strategy(ClipStrategy):
 
     def _fit(self, dataset, indices, iterations: int, seed: int):
         d = self.params.ddas
-        with torch.random.fork_rng(devices=[]):
+        cuda = [self.device.index or 0] if self.device.type == "cuda" else []  # manual_seed seeds the GPU too
+        with torch.random.fork_rng(devices=cuda):
             torch.manual_seed(seed)
             ae = self.ddas.new_autoencoder()
             batches, per_epoch = self._batches(dataset, indices, seed)
