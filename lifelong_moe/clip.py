@@ -153,24 +153,26 @@ def encode_text(clip: nn.Module, tokens: torch.Tensor, buckets: int = 1) -> torc
     (the argmax of the ids), so no position up to EOT sees the padding after it: running only the
     first ``max(EOT) + 1`` positions gives the same features for a fraction of the work (prompts are
     ~10 tokens in a context of 20 or 77). ``buckets > 1`` sorts prompts by length and trims each
-    group separately. Other text towers (no causal mask, other pooling) take open_clip's path."""
+    group separately. Other text towers (no causal mask, other pooling) take open_clip's path.
+    ``tokens`` may stay on the CPU (the tokenizer's output): they are trimmed there and then moved to
+    the model's device, so trimming costs no host synchronisation."""
     mask = getattr(clip, "attn_mask", None)
     if (getattr(clip, "text_pool_type", None) != "argmax" or not isinstance(mask, torch.Tensor)
             or not hasattr(clip, "token_embedding") or tokens.shape[0] == 0):
-        return clip.encode_text(tokens)
+        return clip.encode_text(tokens.to(next(clip.parameters(), tokens).device))
     if buckets <= 1:
         return _encode_text_trimmed(clip, tokens)
     out = None
     for rows in tokens.argmax(dim=-1).argsort().tensor_split(min(buckets, tokens.shape[0])):
         x = _encode_text_trimmed(clip, tokens[rows])
-        out = (x.new_empty(tokens.shape[0], x.shape[1]) if out is None else out).index_copy(0, rows, x)
+        out = (x.new_empty(tokens.shape[0], x.shape[1]) if out is None else out).index_copy(0, rows.to(x.device), x)
     return out
 
 
 def _encode_text_trimmed(clip: nn.Module, tokens: torch.Tensor) -> torch.Tensor:
     """open_clip's ``CLIP.encode_text`` on the first ``max(EOT) + 1`` positions only."""
     n = int(tokens.argmax(dim=-1).max()) + 1
-    t = tokens[:, :n]
+    t = tokens[:, :n].to(clip.token_embedding.weight.device)
     cast = clip.transformer.get_cast_dtype()
     x = clip.token_embedding(t).to(cast) + clip.positional_embedding[:n].to(cast)
     x = clip.ln_final(clip.transformer(x, attn_mask=clip.attn_mask[:n, :n]))
@@ -230,7 +232,7 @@ class ClipClassifier(nn.Module):
         return any(p.requires_grad for n, p in self.clip.named_parameters() if not n.startswith("visual."))
 
     def encode_prompts(self, prompts: Sequence[str]) -> torch.Tensor:
-        tokens = self.tokenizer(list(prompts)).to(self.mean.device)
+        tokens = self.tokenizer(list(prompts))  # on the CPU: encode_text trims, then moves them
         return F.normalize(encode_text(self.clip, tokens), dim=-1)
 
     def encode_head(self, head: Head) -> torch.Tensor:
@@ -241,15 +243,20 @@ class ClipClassifier(nn.Module):
         return F.normalize(feats.mean(dim=1), dim=-1)
 
     def text_features(self, head: Head) -> torch.Tensor:
-        """Class embeddings: mean of normalised prompt features over templates, renormalised."""
+        """Class embeddings: mean of normalised prompt features over templates, renormalised. Cached
+        in fp32 on the model's device (whatever autocast they were computed under)."""
         cacheable = self.cache_text and not (self.training and self.text_tower_trainable())
         if cacheable and head.key in self._text_cache:
             return self._text_cache[head.key]
         with torch.set_grad_enabled(torch.is_grad_enabled() and not cacheable):
             feats = self.encode_head(head)
         if cacheable:
-            feats = self._text_cache[head.key] = feats.detach()
+            feats = self._text_cache[head.key] = feats.detach().float()
         return feats
+
+    def _apply(self, fn, *args, **kwargs):
+        self._text_cache.clear()  # .to(device) / dtype casts: cached features belong to the old ones
+        return super()._apply(fn, *args, **kwargs)
 
     def train(self, mode: bool = True) -> "ClipClassifier":
         if mode and self.text_tower_trainable():

@@ -178,10 +178,20 @@ class RuntimeConfig(Strict):
     torch's default); results may differ in the last bits between thread counts, so a config that
     sets it gives the same numbers wherever it runs. ``jobs``: variants of one file run at once, each
     in its own process (the CLI's ``--jobs`` overrides it); set ``threads`` with it, e.g. jobs 2 x 1
-    thread on 2 cores."""
+    thread on 2 cores.
+
+    ``device``: ``auto`` (the first CUDA device if torch sees one, else the CPU), ``cpu``, ``cuda``,
+    ``cuda:N`` or ``mps``; a device that is not available is an error before anything is written. With
+    ``jobs > 1`` every variant's process uses this same device: on one GPU they share its memory and
+    compute. ``precision``: ``fp32``, or ``bf16`` / ``fp16`` mixed precision (autocast around forward
+    passes, trainable weights and optimiser state kept in fp32, fp16 with a loss scaler); see
+    :mod:`lifelong_moe.device`. ``auto`` is the CPU on a machine without a GPU, and CPU fp32 runs
+    compute exactly what they did before these settings existed."""
 
     threads: Optional[int] = Field(None, ge=1, le=1024)  # torch's OpenMP pool segfaults at 100000
     jobs: int = Field(1, ge=1)
+    device: str = Field("auto", pattern=r"^(auto|cpu|mps|cuda(:\d+)?)$")
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
 
 
 class RunConfig(Strict):

@@ -35,14 +35,17 @@ class ClassificationEvaluator:
         return self._accuracy(strategy, task, classes, col)
 
     def _accuracy(self, strategy, task, classes, col: int) -> float:
-        lut = strategy.target_lookup(task, classes)
-        loader = DataLoader(self.stream.test_stream[col].dataset, batch_size=self.cfg.batch_size, shuffle=False)
-        correct = total = 0
+        """Inputs, targets and the count stay on the strategy's device: one host sync per test set."""
+        device = strategy.device
+        lut = strategy.target_lookup(task, classes).to(device)
+        loader = DataLoader(self.stream.test_stream[col].dataset, batch_size=self.cfg.batch_size, shuffle=False,
+                            pin_memory=device.type == "cuda")
+        correct, total = torch.zeros((), dtype=torch.long, device=device), 0
         for x, y, *_ in tqdm(loader, desc=f"eval {task.name}", leave=False, disable=not self.progress):
-            pred = strategy.eval_logits(x, task, classes).argmax(dim=-1).cpu()
-            correct += int((pred == lut[y]).sum())
+            pred = strategy.eval_logits(x.to(device, non_blocking=True), task, classes).argmax(dim=-1)
+            correct += (pred == lut[y.to(device, non_blocking=True)]).sum()
             total += len(y)
-        return correct / max(1, total)
+        return int(correct) / max(1, total)
 
     @torch.no_grad()
     def row(self, strategy, row: int) -> list[float]:

@@ -74,6 +74,10 @@ def run_parallel(config: str, overrides: list[str], configs: list[RunConfig], ou
                  options: dict, quiet: bool = False) -> None:
     """Run ``configs`` (variants of ``config`` with ``overrides``) into ``outs``, ``jobs`` at a time,
     costliest first. A failing variant stops the others from starting and re-raises here."""
+    from .device import resolve_device
+
+    for cfg in configs:  # an unavailable device fails before any pretraining or run starts
+        resolve_device(cfg.runtime.device)  # (no CUDA context here: the workers create their own)
     prepare_assets(configs, progress=not quiet)
     order = sorted(range(len(configs)), key=lambda i: -cost(configs[i]))  # stable: config order on ties
     if not quiet:

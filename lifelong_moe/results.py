@@ -57,6 +57,20 @@ def new_record(cfg: RunConfig, stream, metric_kind: str, params: dict) -> dict:
     }
 
 
+def record_runtime(record: dict, device: str, precision: str) -> None:
+    """``runtime``: the device (resolved, with the GPU's name) and precision the run computes with; a
+    resume on another device keeps the first and lists the others under ``resumed_on``; a resume in
+    another precision is refused (UserError, raised before anything is written)."""
+    run = record.get("runtime")
+    if run and run["precision"] != precision:
+        raise UserError(f"--resume: the run computes in {run['precision']}, runtime.precision is now "
+                        f"{precision}; resume with runtime.precision={run['precision']}")
+    if not run:
+        record["runtime"] = {"device": device, "precision": precision}
+    elif device != run["device"] and device not in run.get("resumed_on", []):
+        run.setdefault("resumed_on", []).append(device)
+
+
 def matrix_array(record: dict) -> np.ndarray:
     T = len(record["tasks"])
     rows = [[np.nan if v is None else v for v in r] for r in record["matrix"]]

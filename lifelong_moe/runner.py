@@ -17,6 +17,7 @@ import torch
 from . import results as R
 from .clip import ClipClassifier
 from .config import RunConfig
+from .device import check_precision, describe_device, resolve_device
 from .errors import UserError
 from .evaluator import ClassificationEvaluator
 from .registry import strategy_class
@@ -33,11 +34,20 @@ def output_dir(cfg: RunConfig, override: str | Path | None = None) -> Path:
     return Path(override) if override else Path(cfg.output.dir.format(name=cfg.name))
 
 
+def resolve_runtime(cfg: RunConfig) -> torch.device:
+    """The run's device (``runtime.device`` resolved); UserError if it or ``runtime.precision`` is not
+    available here. Writes nothing."""
+    device = resolve_device(cfg.runtime.device)
+    check_precision(device, cfg.runtime.precision)
+    return device
+
+
 def build(cfg: RunConfig, progress: bool = True):
     """Backbone, stream, strategy, evaluator; raises UserError on bad input, writes nothing."""
     from .streams.builder import build_stream
     from .streams.transforms import ImageTransform
 
+    device = resolve_runtime(cfg)  # an unavailable device fails first
     seed_everything(cfg.seed)
     b = cfg.backbone
     model = ClipClassifier.from_config(b.name, b.pretrained, b.cache_text_features, b.pretrain, progress,
@@ -53,7 +63,8 @@ def build(cfg: RunConfig, progress: bool = True):
                         f"for {len(stream.tasks)} experiences")
     seed_everything(cfg.seed)
     strategy = strategy_class(cfg.strategy.name)(model=model, cfg=cfg, params=cfg.strategy_params(),
-                                                 tasks=stream.tasks, progress=progress)
+                                                 tasks=stream.tasks, device=device,
+                                                 precision=cfg.runtime.precision, progress=progress)
     strategy.train_datasets = [e.dataset for e in stream.train_stream]
     return stream, strategy, ClassificationEvaluator(stream, cfg.evaluation, progress)
 
@@ -80,6 +91,7 @@ def _run(cfg: RunConfig, run_dir: R.RunDir, *, resume, overwrite, stop_after, pr
     record = R.new_record(cfg, stream, evaluator.metric_kind, strategy.parameter_counts()) if not resume \
         else state
     record["timings"] = timings
+    R.record_runtime(record, describe_device(strategy.device), cfg.runtime.precision)
     if not resume:
         run_dir.start(cfg, record)
     elif done:

@@ -17,6 +17,7 @@ from tqdm.auto import tqdm
 from lifelong_moe.clip import ClipClassifier, Head
 from lifelong_moe.config import RunConfig, Strict
 from lifelong_moe.data import TaskInfo
+from lifelong_moe.device import autocast, full_precision, grad_scaler
 from lifelong_moe.streams.builder import eval_classes
 
 
@@ -45,8 +46,13 @@ class ClipStrategy(SupervisedTemplate):
     cost_hint = 1.0  # rough wall time relative to fine-tuning; parallel variants start the costliest first
 
     def __init__(self, *, model: ClipClassifier, cfg: RunConfig, params: StrategyParams,
-                 tasks: list[TaskInfo], device: str = "cpu", progress: bool = True):
+                 tasks: list[TaskInfo], device: str | torch.device = "cpu", precision: str = "fp32",
+                 progress: bool = True):
+        """``device``: where the model, everything ``setup`` creates and plugin state live (the runner
+        passes the resolved ``runtime.device``); ``precision``: see :mod:`lifelong_moe.device`."""
         self.cfg, self.params, self.tasks, self.progress = cfg, params, tasks, progress
+        self.precision = precision
+        self.scaler = grad_scaler(device, precision)
         self.train_datasets: list = []  # set by the runner: every experience's train set (replay)
         self.step_log: list[dict] = []
         self.experience_index = -1
@@ -55,6 +61,8 @@ class ClipStrategy(SupervisedTemplate):
         self._bar = None
         self._budget: int | None = None
         self._steps_in_exp = 0
+        self.device = torch.device(device)  # Avalanche sets it again; setup needs it first
+        model.to(self.device)  # before setup: what it injects or creates follows the model's device
         original = {id(p) for p in model.parameters()}
         self.setup(model)
         self.state_names = [n for n, p in model.named_parameters() if p.requires_grad or id(p) not in original]
@@ -71,6 +79,14 @@ class ClipStrategy(SupervisedTemplate):
 
     def make_plugins(self) -> Iterable:
         return []
+
+    def autocast(self):
+        """Context for forward passes in ``runtime.precision`` (nothing in fp32)."""
+        return autocast(self.device, self.precision)
+
+    def full_precision(self):
+        """Context that suspends the forward passes' autocast (fp32 islands)."""
+        return full_precision(self.device)
 
     def extra_results(self) -> dict:
         """Method-specific records for results.json (e.g. expert usage)."""
@@ -95,14 +111,16 @@ class ClipStrategy(SupervisedTemplate):
         """Mean training loss over samples ``(task, x, y)`` of one or more tasks at the current
         experience (replay): one image-tower pass for all of them, each group scored against its
         own task's head."""
-        feats = self.model.encode_image(torch.cat([x for _, x, _ in groups]).to(self.device))
-        total, start = feats.new_zeros(()), 0
+        with self.autocast():
+            feats = self.model.encode_image(torch.cat([x for _, x, _ in groups]).to(self.device))
+        total, start = feats.new_zeros((), dtype=torch.float32), 0
         for task, _, y in groups:
             f, start = feats[start:start + len(y)], start + len(y)
             classes = self.training_classes(task, self.experience_index)
             head = self.head_for(task, classes, self.cfg.training.prompt)
             lut = self.target_lookup(task, classes).to(self.device)
-            logits = self.model.logit_scale * f @ self.model.text_features(head).t()
+            with self.autocast():
+                logits = (self.model.logit_scale * f @ self.model.text_features(head).t()).float()
             total = total + F.cross_entropy(logits, lut[y.to(self.device)],
                                             label_smoothing=self.cfg.training.label_smoothing) * len(y)
         return total / max(1, start)
@@ -128,7 +146,8 @@ class ClipStrategy(SupervisedTemplate):
     def make_train_dataloader(self, num_workers=0, **kwargs):
         g = torch.Generator().manual_seed(self.cfg.seed * 7919 + self.experience_index)
         self.dataloader = DataLoader(self.adapted_dataset, batch_size=self.train_mb_size, shuffle=True,
-                                     generator=g, num_workers=num_workers, drop_last=False)
+                                     generator=g, num_workers=num_workers, drop_last=False,
+                                     pin_memory=self.device.type == "cuda")
         per_epoch = max(1, len(self.dataloader))
         it = self.cfg.training.iterations
         self._budget = it if it else per_epoch * self.cfg.training.epochs
@@ -162,13 +181,17 @@ class ClipStrategy(SupervisedTemplate):
             self._bar = tqdm(total=self._budget, desc=f"train {self.experience.task_name}", leave=False)
 
     def forward(self):
-        return self.model(self.mb_x, self.head)
+        with self.autocast():
+            return self.model(self.mb_x, self.head)
 
     def criterion(self):
         if self.target_map is None:  # Avalanche eval loop: not used by our evaluator
-            return torch.zeros(())
+            return torch.zeros((), device=self.device)
         y = self.target_map[self.mb_y]
-        return F.cross_entropy(self.mb_output, y, label_smoothing=self.cfg.training.label_smoothing)
+        return F.cross_entropy(self.mb_output.float(), y, label_smoothing=self.cfg.training.label_smoothing)
+
+    def backward(self):
+        self.scaler.scale(self.loss).backward(retain_graph=self.retain_graph)  # fp16: scaled loss
 
     def training_epoch(self, **kwargs):
         if self._steps_in_exp >= self._budget:
@@ -178,7 +201,8 @@ class ClipStrategy(SupervisedTemplate):
 
     def optimizer_step(self):
         lr = self.optimizer.param_groups[0]["lr"] if self.optimizer.param_groups else 0.0
-        super().optimizer_step()
+        self.scaler.step(self.optimizer)  # fp16: unscales, skips the step on inf/NaN gradients
+        self.scaler.update()
         self.scheduler.step()
         self._steps_in_exp += 1
         if self._steps_in_exp % self.cfg.training.log_every == 0 or self._steps_in_exp == self._budget:
@@ -202,17 +226,19 @@ class ClipStrategy(SupervisedTemplate):
     def eval_logits(self, x: torch.Tensor, task: TaskInfo, classes) -> torch.Tensor:
         """Logits over ``classes`` of ``task``'s label space (evaluation prompts)."""
         self.model.eval()
-        return self.model(x.to(self.device), self.head_for(task, classes, self.cfg.evaluation.prompt))
+        with self.autocast():
+            return self.model(x.to(self.device), self.head_for(task, classes, self.cfg.evaluation.prompt))
 
     # ---------------------------------------------------------------- state
     def state_dict(self) -> dict[str, torch.Tensor]:
-        """Only what training changes: trainable / injected parameters and plugin state."""
+        """Only what training changes: trainable / injected parameters and plugin state, as CPU
+        copies (a checkpoint does not depend on the device it was written from)."""
         params = dict(self.model.named_parameters())
         state = {f"model.{n}": params[n].detach().clone().contiguous() for n in self.state_names}
         for i, p in enumerate(self.plugins):
             if isinstance(p, StatefulPlugin):
                 state.update({f"plugin{i}.{k}": v.contiguous() for k, v in p.state_dict().items()})
-        return state
+        return {k: v.cpu() for k, v in state.items()}
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
         params = dict(self.model.named_parameters())
@@ -229,7 +255,7 @@ class ClipStrategy(SupervisedTemplate):
         self.model.clear_text_cache()
         for p in self.plugins:
             if isinstance(p, StatefulPlugin):
-                p.restore(self)
+                p.restore(self)  # plugins move what they loaded to self.device here
 
     def parameter_counts(self) -> dict[str, int]:
         ps = list(self.model.parameters())

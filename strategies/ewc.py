@@ -92,6 +92,11 @@ class EWCPlugin(SupervisedPlugin, StatefulPlugin):
             a = {n[len(f"{k}.anchor."):]: v for n, v in state.items() if n.startswith(f"{k}.anchor.")}
             self.terms.append((f, a))
 
+    def restore(self, strategy) -> None:
+        device = strategy.device  # checkpoints hold CPU copies
+        self.terms = [({n: v.to(device) for n, v in f.items()}, {n: v.to(device) for n, v in a.items()})
+                      for f, a in self.terms]
+
 
 class Strategy(ClipStrategy):
     Params = Params

@@ -40,9 +40,10 @@ class LwFPlugin(SupervisedPlugin, StatefulPlugin):
             return
         import torch
 
-        with torch.no_grad():
-            target = F.softmax(self.old(strategy.mb_x, strategy.head) / self.t, dim=-1)
-        log_p = F.log_softmax(strategy.mb_output / self.t, dim=-1)
+        with torch.no_grad(), strategy.autocast():
+            old = self.old(strategy.mb_x, strategy.head)
+        target = F.softmax(old.float() / self.t, dim=-1)
+        log_p = F.log_softmax(strategy.mb_output.float() / self.t, dim=-1)
         strategy.loss += self.alpha * self.t ** 2 * F.kl_div(log_p, target, reduction="batchmean")
 
     def after_training_exp(self, strategy, **kwargs):

@@ -123,10 +123,10 @@ class Strategy(ClipStrategy):
         self._route = 0
         self.ddas = self.extractor = None
         if p.ddas.enabled:
-            self.extractor = self._make_extractor(model)
-            probe = torch.zeros(1, 3, model.image_size, model.image_size)
+            self.extractor = self._make_extractor(model).to(self.device)
+            probe = torch.zeros(1, 3, model.image_size, model.image_size, device=self.device)
             dim = self.extractor(probe).shape[1]
-            self.ddas = DDAS(dim, p.ddas.hidden, num_tasks=n)
+            self.ddas = DDAS(dim, p.ddas.hidden, num_tasks=n).to(self.device)
 
     def _make_extractor(self, model):
         d = self.params.ddas
@@ -214,11 +214,13 @@ class Strategy(ClipStrategy):
     @torch.no_grad()
     def _features(self, dataset, indices) -> torch.Tensor:
         """Frozen DDAS features of ``dataset[indices]``, extracted once (the image transform is
-        deterministic, so every pass over the data would see the same features)."""
+        deterministic, so every pass over the data would see the same features). Extracted in the
+        run's precision, as at decision time; the autoencoders see them in fp32."""
         feats = []
         with self._eval_mode():
             for x, *_ in DataLoader(Subset(dataset, indices), batch_size=256):
-                feats.append(self.extractor(x.to(self.device)))
+                with self.autocast():
+                    feats.append(self.extractor(x.to(self.device)).float())
         return torch.cat(feats)
 
     def _batches(self, dataset, indices, seed: int):
@@ -240,7 +242,8 @@ class Strategy(ClipStrategy):
 
     def _fit(self, dataset, indices, iterations: int, seed: int):
         d = self.params.ddas
-        with torch.random.fork_rng(devices=[]):
+        cuda = [self.device.index or 0] if self.device.type == "cuda" else []  # manual_seed seeds the GPU too
+        with torch.random.fork_rng(devices=cuda):
             torch.manual_seed(seed)
             ae = self.ddas.new_autoencoder()
             batches, per_epoch = self._batches(dataset, indices, seed)
@@ -306,8 +309,9 @@ class Strategy(ClipStrategy):
             t = task.index if self.task_routes[task.index] >= 0 else OOD
             return torch.full((x.shape[0],), t, dtype=torch.long), None
         plain = self._frozen_image_features(x) if isinstance(self.extractor, ClipFeatures) else None
-        feats = ClipFeatures.squash(plain) if plain is not None else self.extractor(x)
-        dec = self.ddas.decide(feats, self.trained_tasks(), self.threshold(), self.params.ddas.decision)
+        feats = (ClipFeatures.squash(plain) if plain is not None else self.extractor(x)).float()
+        with self.full_precision():  # autoencoders and thresholds in fp32, as fitted
+            dec = self.ddas.decide(feats, self.trained_tasks(), self.threshold(), self.params.ddas.decision)
         return dec.cpu(), plain
 
     def class_features(self, head, route: int) -> torch.Tensor:
@@ -317,15 +321,18 @@ class Strategy(ClipStrategy):
         if key in self._text_feats:
             return self._text_feats[key]
         self.moe.set_task(None if route < 0 else route, towers=("text",))
-        feats = self.model.encode_head(head)
+        feats = self.model.encode_head(head).float()
         if self.model.cache_text:
             self._text_feats[key] = feats
         return feats
 
     @torch.no_grad()
     def eval_logits(self, x: torch.Tensor, task, classes) -> torch.Tensor:
+        with self.autocast():
+            return self._eval_logits(x.to(self.device), task, classes)
+
+    def _eval_logits(self, x: torch.Tensor, task, classes) -> torch.Tensor:
         self.model.eval()
-        x = x.to(self.device)
         head = self.head_for(task, classes, self.cfg.evaluation.prompt)
         dec, plain = self.decisions(x, task)
         self._record(task.index, dec)
@@ -334,7 +341,7 @@ class Strategy(ClipStrategy):
         if groups == [-1] and plain is not None:
             img = plain  # the frozen embedding, computed exactly as zero-shot CLIP does
         else:
-            self.moe.set_task(groups[0] if len(groups) == 1 else routes, towers=("image",))
+            self.moe.set_task(groups[0] if len(groups) == 1 else routes.to(self.device), towers=("image",))
             img = self.model.encode_image(x)
         out = None
         for r in groups:  # each group: its own text head; rows selected from a full-batch product
@@ -411,7 +418,7 @@ class Strategy(ClipStrategy):
                 st[f"log.frozen.{i}.{tower}.{layer}"] = mask
         for i, n in self.trainable_log.items():
             st[f"log.trainable.{i}"] = torch.tensor([n])
-        return st
+        return {k: v.cpu() for k, v in st.items()}  # device-independent checkpoints
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
         moe = {k[4:]: v for k, v in state.items() if k.startswith("moe.")}

@@ -144,7 +144,7 @@ class DDAS(nn.Module):
                 self.reference = self.new_autoencoder()
         cal = state_dict.get(prefix + "calibration")
         if cal is not None and cal.shape != self.calibration.shape:
-            self.calibration = torch.full_like(cal, float("nan"))
+            self.calibration = torch.full(cal.shape, float("nan"), device=self.calibration.device)
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
 

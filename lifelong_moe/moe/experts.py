@@ -21,6 +21,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..device import autocast_active
+
 
 class StackedExperts(nn.Module):
     """Base class: ``E`` experts whose tensors are stacked along dim 0, with per-expert freezing.
@@ -168,6 +170,8 @@ class BottleneckExperts(StackedExperts):
         b_up = torch.bmm(sw.unsqueeze(1), self.effective("up_bias").index_select(0, flat).view(B, k, D))
         if out is None:
             return torch.baddbmm(b_up, z, w_up)
+        if autocast_active(h.device):  # an in-place baddbmm_ would mix autocast's dtypes
+            return out.add_(torch.baddbmm(b_up, z, w_up))
         return out.baddbmm_(z, w_up).add_(b_up)
 
     def _forward_by_combination(self, h, combos, inv, sw, out):
@@ -191,7 +195,7 @@ class BottleneckExperts(StackedExperts):
             if U == 1:
                 res.add_(y)
             else:
-                res.index_add_(0, rows, y)
+                res.index_add_(0, rows, y.to(res.dtype))  # autocast: y may be in lower precision
         return res
 
     def expert_forward(self, i: int, h: torch.Tensor) -> torch.Tensor:
