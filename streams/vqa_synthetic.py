@@ -120,8 +120,8 @@ _SPECS = {s.name: s for s in [
             "which digit is in the picture?")),
     _QType("causal", tuple(CAUSES), SceneMix(p_digit=0.0, p_group=0.0, textures=(1, 0, 0, 0),
                                              style_strength=(1.1, 1.4)),
-           ("why is the object hard to see?", "why is it hard to see the {obj}?", "why can you not see the {obj} clearly?",
-            "why is the {obj} not clear?")),
+           ("why is the object hard to see?", "why is it hard to see the {obj}?",
+            "why can you not see the {obj} clearly?", "why is the {obj} not clear?")),
 ]}
 _JUDGE_COLOR = ("is there a {c} object?", "is there anything {c} in the picture?", "is the {obj} {c}?")
 _JUDGE_COLOR_GROUP = ("is there a {c} object?", "is there anything {c} in the picture?", "are the {objs} {c}?")
