@@ -57,9 +57,15 @@ class TaskInfo:
     label_space: LabelSpace
     classes: tuple[int, ...]
 
+    kind = "classification"
+
     @property
     def class_names(self) -> list[str]:
         return [self.label_space.class_names[c] for c in self.classes]
+
+    def describe(self) -> dict:
+        return {"index": self.index, "name": self.name, "label_space": self.label_space.name,
+                "classes": list(self.classes), "class_names": self.class_names}
 
 
 def subset_indices(targets: Sequence[int], classes: Sequence[int]) -> list[int]:
@@ -100,3 +106,20 @@ class QAData:
     def __post_init__(self) -> None:
         if len(self.train_records) != len(self.train) or len(self.test_records) != len(self.test):
             raise ValueError(f"VQA data {self.name!r}: records and images differ in length")
+
+
+@dataclass(frozen=True)
+class QATask:
+    """What a VQA experience is about: one question type, with its train and test records (the
+    ``i`` of a dataset item ``(image, i)`` indexes them)."""
+
+    index: int
+    name: str
+    question_type: str
+    train_records: tuple[QARecord, ...]
+    test_records: tuple[QARecord, ...]
+    kind = "vqa"
+
+    def describe(self) -> dict:
+        return {"index": self.index, "name": self.name, "question_type": self.question_type,
+                "train_questions": len(self.train_records), "test_questions": len(self.test_records)}
