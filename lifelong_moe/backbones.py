@@ -37,7 +37,9 @@ def prepare_assets(b, progress: bool = True) -> None:
 
 def image_transform(model):
     """The stream-side preprocessing the backbone expects: resize, centre crop, normalise."""
+    import torch
+
     from .streams.transforms import ImageTransform
 
-    mean, std = model.image_mean_std()
+    mean, std = (torch.as_tensor(v).flatten().tolist() for v in (model.mean, model.std))  # buffers or tuples
     return ImageTransform(model.image_size, mean, std)

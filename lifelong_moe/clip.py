@@ -188,9 +188,6 @@ class ClipClassifier(nn.Module):
                     progress: bool = True) -> "ClipClassifier":
         return cls(*create_clip(name, pretrained, pretrain, progress), cache_text=cache_text)
 
-    def image_mean_std(self) -> tuple[list[float], list[float]]:
-        return self.mean.flatten().tolist(), self.std.flatten().tolist()
-
     # ------------------------------------------------------------------ towers
     def check_images(self, x: torch.Tensor) -> None:
         s = self.image_size

@@ -272,7 +272,8 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
 def format_validation_error(err: ValidationError, prefix: str = "") -> str:
     lines = []
     for e in err.errors():
-        loc = [f"[{p}]" if isinstance(p, int) else str(p) for p in e["loc"]]
+        raw = [p for i, p in enumerate(e["loc"]) if not (i and e["loc"][i - 1] == "backbone" and p in ("clip", "vlm"))]
+        loc = [f"[{p}]" if isinstance(p, int) else str(p) for p in raw]  # (the family tag is not a key)
         path = ".".join(([prefix] if prefix else []) + loc).replace(".[", "[") or "(top level)"
         msg = e["msg"].removeprefix("Value error, ")
         if e["type"] == "missing":

@@ -122,20 +122,6 @@ def split_sizes(cfg: StreamConfig, n_classes: int) -> list[int]:
     return [n_classes // n + (1 if i < n_classes % n else 0) for i in range(n)]
 
 
-class Reindexed(Dataset):
-    """``(image, k)`` for the ``k``-th of ``indices`` into a dataset of ``(image, i)``: a subsample whose
-    targets index the subsample's own record list."""
-
-    def __init__(self, base: Dataset, indices: list[int]):
-        self.base, self.indices = base, indices
-
-    def __len__(self) -> int:
-        return len(self.indices)
-
-    def __getitem__(self, k):
-        return self.base[self.indices[k]][0], k
-
-
 def vqa_order(cfg: StreamConfig) -> list[str]:
     from .vqa_synthetic import QUESTION_TYPES
 
@@ -147,26 +133,14 @@ def vqa_order(cfg: StreamConfig) -> list[str]:
 
 
 def load_qa(cfg: StreamConfig, qtype: str, seed: int) -> QAData:
-    """One question type's data, subsampled to ``questions_per_type`` (seeded)."""
+    """One question type's data (``questions_per_type``: questions drawn per split, seeded)."""
+    from .vqa_synthetic import load_vqa_source
+
     dataset = cfg.dataset if isinstance(cfg.dataset, str) else cfg.dataset.dataset
-    if dataset == "synthetic_vqa":
-        from .vqa_synthetic import load_question_type
-
-        data = load_question_type(qtype, seed=seed)
-    elif dataset == "vqacl":
-        from .vqacl import load_vqacl
-
-        data = load_vqacl(qtype, root=data_root(cfg), partition_dir=cfg.partition_dir)
-    else:
-        raise ValueError(f"stream.dataset: a vqa stream reads 'synthetic_vqa' or 'vqacl', got {dataset!r}")
-    sizes, out = cfg.questions_per_type, {}
-    for split, n, salt in (("train", sizes.train, 0), ("test", sizes.test, 1)):
-        ds, records = getattr(data, split), getattr(data, f"{split}_records")
-        if n is not None and n < len(records):
-            keep = sorted(np.random.default_rng([seed, salt]).permutation(len(records))[:n].tolist())
-            ds, records = Reindexed(ds, keep), [records[i] for i in keep]
-        out[split], out[f"{split}_records"] = ds, list(records)
-    return QAData(name=data.name, meta=data.meta, **out)
+    sizes = {k: v for k, v in (("n_train", cfg.questions_per_type.train), ("n_test", cfg.questions_per_type.test))
+             if v is not None}
+    extra = {"partition_dir": cfg.partition_dir} if dataset == "vqacl" else {}
+    return load_vqa_source(f"{dataset}/{qtype}", root=data_root(cfg), seed=seed, **sizes, **extra)
 
 
 def build_vqa(cfg: StreamConfig, transform: ImageTransform, seed: int):
