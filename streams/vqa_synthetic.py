@@ -107,7 +107,6 @@ DEFINITIONS: dict[str, str] = {
 }
 
 
-_DEFAULT_STYLES = (0.72, 0.07, 0.07, 0.07, 0.07)
 _SPECS = {s.name: s for s in [
     _QType("recognition", tuple(SHAPES) + ("digit",), SceneMix(p_digit=1 / 11, p_group=0.0),
            ("what is this?", "what is in the picture?", "what object is shown?", "what is the object in the picture?")),
