@@ -11,8 +11,8 @@ from pathlib import Path
 from typing import Annotated, Any, Literal, Optional, Union
 
 import yaml
-from pydantic import (AfterValidator, BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator,
-                      model_validator)
+from pydantic import (AfterValidator, BaseModel, ConfigDict, Discriminator, Field, PrivateAttr, Tag, ValidationError,
+                      field_validator, model_validator)
 from pydantic_core import PydanticCustomError
 
 from .errors import ConfigError
@@ -73,7 +73,7 @@ class SourceSpec(Strict):
 
 
 class StreamConfig(Strict):
-    kind: Literal["class_incremental", "multi_domain"]
+    kind: Literal["class_incremental", "multi_domain", "vqa"]
     root: Optional[str] = None
     download: bool = False
     test_fraction: float = Field(0.2, gt=0, lt=1)
@@ -88,6 +88,10 @@ class StreamConfig(Strict):
     order: Optional[str] = None
     # an ImageFolder image that cannot be decoded: refuse the stream (listing them) or leave it out
     on_bad_image: Literal["error", "skip"] = "error"
+    # vqa: one experience per question type (dataset: synthetic_vqa | vqacl; order: vqacl or question_types)
+    question_types: Optional[list[str]] = None
+    partition_dir: Optional[str] = None  # vqacl: where the per-question-type JSON lists are (default: root)
+    questions_per_type: SplitSizes = SplitSizes()  # deterministic subsampling of each task's questions
 
     @model_validator(mode="after")
     def _kind_fields(self) -> "StreamConfig":
@@ -96,15 +100,26 @@ class StreamConfig(Strict):
                 raise ValueError("a class_incremental stream needs 'dataset'")
             if (self.num_experiences is None) == (self.classes_per_experience is None):
                 raise ValueError("give exactly one of 'num_experiences' and 'classes_per_experience'")
-        else:
+        elif self.kind == "multi_domain":
             if (self.domains is None) == (self.order is None):
                 raise ValueError("a multi_domain stream needs exactly one of 'domains' and 'order'")
+        else:
+            if self.dataset is None:
+                raise ValueError("a vqa stream needs 'dataset' (synthetic_vqa or vqacl)")
+            if (self.question_types is None) == (self.order is None):
+                raise ValueError("a vqa stream needs exactly one of 'question_types' and 'order'")
         return self
+
+    @property
+    def task_kind(self) -> str:
+        """What an experience asks: ``classification`` (CLIP streams) or ``vqa`` (answer generation)."""
+        return "vqa" if self.kind == "vqa" else "classification"
 
 
 class BackboneConfig(Strict):
     """A CLIP backbone as open_clip users name it: ``name`` plus ``pretrained`` (tag or path)."""
 
+    family: Literal["clip"] = "clip"
     name: str = "lmoe-tiny-vit"
     pretrained: Optional[str] = None  # open_clip tag, checkpoint path, or "synthetic" (pretrained here, cached)
     pretrain: Optional[dict[str, Any]] = None  # with pretrained: synthetic, overrides of PretrainConfig
@@ -114,6 +129,28 @@ class BackboneConfig(Strict):
     templates: list[Template] = Field(["a photo of a {}."], min_length=1)
     dataset_templates: bool = True  # prefer a dataset's own templates when it ships some
     cache_text_features: bool = True
+
+
+class VlmBackboneConfig(Strict):
+    """A generative VLM as Hugging Face users name it: ``name`` is a hub id or a local directory
+    (``from_pretrained``), or a shipped tiny model (``lmoe-tiny-llava``) with ``pretrained: synthetic``
+    (pretrained here on the synthetic world, cached). Nothing is downloaded unless ``download``."""
+
+    family: Literal["vlm"]
+    name: str = "lmoe-tiny-llava"
+    pretrained: Optional[str] = None  # "synthetic" for the shipped tiny model; None: the name's own weights
+    pretrain: Optional[dict[str, Any]] = None  # with pretrained: synthetic, overrides of the VLM pretraining config
+    download: bool = False
+    prompt_template: Optional[str] = None  # None: the model's own ("{question}" is replaced)
+
+
+def _backbone_family(v: Any) -> str:
+    return v.get("family", "clip") if isinstance(v, dict) else getattr(v, "family", "clip")
+
+
+AnyBackbone = Annotated[Union[Annotated[BackboneConfig, Tag("clip")], Annotated[VlmBackboneConfig, Tag("vlm")]],
+                        Discriminator(_backbone_family, custom_error_type="unknown_family",
+                                      custom_error_message="backbone.family must be 'clip' or 'vlm'")]
 
 
 class OptimizerConfig(Strict):
@@ -149,6 +186,10 @@ class EvaluationConfig(Strict):
     label_space: Literal["task", "seen", "all"] = "task"
     prompt: Literal["first", "ensemble"] = "ensemble"
     zero_shot_row: bool = True
+    # vqa streams: the matrix entry (auto: VQA soft accuracy where records carry 10 human answers, else
+    # exact match of the greedy answer); every answer metric is recorded in results.json either way
+    answer_metric: Literal["auto", "exact_match", "vqa_accuracy", "token_accuracy"] = "auto"
+    max_new_tokens: int = Field(8, gt=0)
 
 
 class StrategyConfig(BaseModel):
@@ -198,7 +239,7 @@ class RunConfig(Strict):
     name: str = Field("run", min_length=1)
     seed: int = Field(0, ge=0, lt=2**31)  # numpy seeds are 0..2**32-1; per-experience seeds add to it
     stream: StreamConfig
-    backbone: BackboneConfig = BackboneConfig()
+    backbone: AnyBackbone = BackboneConfig()
     strategy: StrategyConfig
     training: TrainingConfig = TrainingConfig()
     evaluation: EvaluationConfig = EvaluationConfig()
@@ -277,7 +318,8 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
 def format_validation_error(err: ValidationError, prefix: str = "") -> str:
     lines = []
     for e in err.errors():
-        loc = [f"[{p}]" if isinstance(p, int) else str(p) for p in e["loc"]]
+        raw = [p for i, p in enumerate(e["loc"]) if not (i and e["loc"][i - 1] == "backbone" and p in ("clip", "vlm"))]
+        loc = [f"[{p}]" if isinstance(p, int) else str(p) for p in raw]  # (the family tag is not a key)
         path = ".".join(([prefix] if prefix else []) + loc).replace(".[", "[") or "(top level)"
         msg = e["msg"].removeprefix("Value error, ")
         if e["type"] == "missing":
@@ -293,7 +335,13 @@ def validate(data: dict) -> RunConfig:
         cfg = RunConfig.model_validate(data)
     except ValidationError as e:
         raise ConfigError(format_validation_error(e)) from None
-    params_cls = strategy_params_class(cfg.strategy.name)
+    if cfg.stream.task_kind == "vqa" and cfg.backbone.family != "vlm":
+        raise ConfigError(f"stream.kind {cfg.stream.kind!r} asks questions: it needs a generative backbone "
+                          f"(backbone.family: vlm), got backbone.family {cfg.backbone.family!r}")
+    if cfg.stream.task_kind == "classification" and cfg.backbone.family != "clip":
+        raise ConfigError(f"stream.kind {cfg.stream.kind!r} is classification: it needs backbone.family: clip, "
+                          f"got {cfg.backbone.family!r}")
+    params_cls = strategy_params_class(cfg.strategy.name, cfg.backbone.family)
     try:
         cfg.strategy._params = params_cls.model_validate(cfg.strategy.model_dump())
     except ValidationError as e:

@@ -14,6 +14,15 @@ from .config import EvaluationConfig
 from .streams.builder import Stream, eval_classes
 
 
+def make_evaluator(stream: Stream, cfg: EvaluationConfig, progress: bool = True):
+    """The evaluator of the stream's task kind (classification accuracy, VQA answer accuracy)."""
+    if stream.task_kind == "vqa":
+        from .vqa_evaluator import VqaEvaluator
+
+        return VqaEvaluator(stream, cfg, progress)
+    return ClassificationEvaluator(stream, cfg, progress)
+
+
 class ClassificationEvaluator:
     metric_kind = "accuracy"
 
@@ -50,3 +59,9 @@ class ClassificationEvaluator:
     @torch.no_grad()
     def row(self, strategy, row: int) -> list[float]:
         return [self.score(strategy, row, j) for j in range(len(self.stream.tasks))]
+
+    def extra_results(self) -> dict:
+        return {}
+
+    def restore(self, record: dict) -> None:
+        pass

@@ -20,11 +20,11 @@ from pathlib import Path
 
 from .config import RunConfig
 from .errors import UserError
-from .registry import STRATEGIES
+from .registry import strategy_modules
 
 
 PRELOAD = ["lifelong_moe.runner", "lifelong_moe.streams.builder", "lifelong_moe.evaluator",
-           *(f"lifelong_moe.strategies.{m}" for m in STRATEGIES.values())]
+           *(f"lifelong_moe.strategies.{m}" for m in strategy_modules())]
 
 
 def _context():
@@ -45,17 +45,16 @@ def start_early() -> None:
 
 def prepare_assets(configs: list[RunConfig], progress: bool = True) -> None:
     """Pretrain (or find cached) every synthetic backbone the configs name, in this process."""
-    from .clip import resolve_synthetic
+    from .backbones import prepare_assets as prepare
 
-    for b in (cfg.backbone for cfg in configs):
-        if b.pretrained == "synthetic":  # trains on the first call, finds the cached file after
-            resolve_synthetic(b.name, b.pretrain, progress=progress)
+    for cfg in configs:  # trains on the first call, finds the cached copy after
+        prepare(cfg.backbone, progress=progress)
 
 
 def cost(cfg: RunConfig) -> float:
     from .registry import strategy_class
 
-    return strategy_class(cfg.strategy.name).cost_hint
+    return strategy_class(cfg.strategy.name, cfg.backbone.family).cost_hint
 
 
 def _run_variant(config: str, overrides: list[str], variant: str, out: str, options: dict, quiet: bool) -> str:

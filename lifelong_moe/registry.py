@@ -1,4 +1,4 @@
-"""Names a config can use: strategies, sources, streams, backbones, metrics."""
+"""Names a config can use: strategies (per backbone family), stream kinds, backbone families."""
 from __future__ import annotations
 
 import difflib
@@ -6,18 +6,21 @@ import importlib
 
 from .errors import ConfigError
 
-# strategy name -> module under lifelong_moe.strategies; each module defines ``Params`` and ``Strategy``.
-STRATEGIES = {
-    "zeroshot": "zeroshot",
-    "finetune": "finetune",
-    "lora": "lora",
-    "lwf": "lwf",
-    "ewc": "ewc",
-    "replay": "replay",
-    "moe_adapters": "moe_adapters",
+# strategy name -> {backbone family: module under lifelong_moe.strategies}; each module defines ``Params``
+# and ``Strategy``. A name that exists for one family only is refused, with a clear error, on the other.
+STRATEGIES: dict[str, dict[str, str]] = {
+    "zeroshot": {"clip": "zeroshot", "vlm": "vlm_zeroshot"},
+    "finetune": {"clip": "finetune"},
+    "lora": {"clip": "lora", "vlm": "vlm_lora"},
+    "lwf": {"clip": "lwf", "vlm": "vlm_lwf"},
+    "ewc": {"clip": "ewc"},
+    "replay": {"clip": "replay", "vlm": "vlm_replay"},
+    "moe_adapters": {"clip": "moe_adapters"},
 }
 
-STREAM_KINDS = ["class_incremental", "multi_domain"]
+STREAM_KINDS = ["class_incremental", "multi_domain", "vqa"]
+FAMILIES = {"clip": "open_clip CLIP (classification streams)",
+            "vlm": "Hugging Face LLaVA-style generative VLM (vqa streams)"}
 
 
 def _suggest(name: str, known) -> str:
@@ -25,16 +28,26 @@ def _suggest(name: str, known) -> str:
     return f" (did you mean {close[0]!r}?)" if close else ""
 
 
-def strategy_module(name: str):
+def strategy_modules() -> list[str]:
+    """Every strategy module, each once (for preloading in worker processes)."""
+    return sorted({m for per_family in STRATEGIES.values() for m in per_family.values()})
+
+
+def strategy_module(name: str, family: str = "clip"):
     if name not in STRATEGIES:
         raise ConfigError(f"strategy.name: unknown strategy {name!r}{_suggest(name, STRATEGIES)}; "
                           f"known: {', '.join(sorted(STRATEGIES))}")
-    return importlib.import_module(f"lifelong_moe.strategies.{STRATEGIES[name]}")
+    per_family = STRATEGIES[name]
+    if family not in per_family:
+        raise ConfigError(f"strategy {name!r} works on backbone family {' / '.join(map(repr, per_family))}, "
+                          f"not on backbone.family {family!r}; strategies for {family!r}: "
+                          f"{', '.join(sorted(n for n, f in STRATEGIES.items() if family in f))}")
+    return importlib.import_module(f"lifelong_moe.strategies.{per_family[family]}")
 
 
-def strategy_params_class(name: str):
-    return strategy_module(name).Params
+def strategy_params_class(name: str, family: str = "clip"):
+    return strategy_module(name, family).Params
 
 
-def strategy_class(name: str):
-    return strategy_module(name).Strategy
+def strategy_class(name: str, family: str = "clip"):
+    return strategy_module(name, family).Strategy

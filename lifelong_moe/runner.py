@@ -15,11 +15,10 @@ import numpy as np
 import torch
 
 from . import results as R
-from .clip import ClipClassifier
 from .config import RunConfig
 from .device import check_precision, describe_device, resolve_device
 from .errors import UserError
-from .evaluator import ClassificationEvaluator
+from .evaluator import make_evaluator
 from .registry import strategy_class
 from .threads import torch_threads
 
@@ -28,6 +27,11 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
+
+
+def extra_results(strategy, evaluator) -> dict:
+    """results.json ``extra``: the method's records and the evaluator's secondary metrics."""
+    return {**strategy.extra_results(), **evaluator.extra_results()}
 
 
 def output_dir(cfg: RunConfig, override: str | Path | None = None) -> Path:
@@ -44,29 +48,25 @@ def resolve_runtime(cfg: RunConfig) -> torch.device:
 
 def build(cfg: RunConfig, progress: bool = True):
     """Backbone, stream, strategy, evaluator; raises UserError on bad input, writes nothing."""
+    from .backbones import build_backbone, image_transform
     from .streams.builder import build_stream
-    from .streams.transforms import ImageTransform
 
     device = resolve_runtime(cfg)  # an unavailable device fails first
     seed_everything(cfg.seed)
-    b = cfg.backbone
-    model = ClipClassifier.from_config(b.name, b.pretrained, b.cache_text_features, b.pretrain, progress,
-                                       quick_gelu=b.quick_gelu)
+    model = build_backbone(cfg.backbone, progress)
     try:
-        stream = build_stream(cfg.stream, ImageTransform(model.image_size, model.mean.flatten().tolist(),
-                                                         model.std.flatten().tolist(), cfg.training.augment),
-                              cfg.seed)
+        stream = build_stream(cfg.stream, image_transform(model, cfg.training.augment), cfg.seed)
     except (ValueError, FileNotFoundError) as e:
         raise UserError(f"stream: {e}") from None
     if cfg.training.lr_per_experience and len(cfg.training.lr_per_experience) != len(stream.tasks):
         raise UserError(f"training.lr_per_experience has {len(cfg.training.lr_per_experience)} values "
                         f"for {len(stream.tasks)} experiences")
     seed_everything(cfg.seed)
-    strategy = strategy_class(cfg.strategy.name)(model=model, cfg=cfg, params=cfg.strategy_params(),
-                                                 tasks=stream.tasks, device=device,
-                                                 precision=cfg.runtime.precision, progress=progress)
+    cls = strategy_class(cfg.strategy.name, cfg.backbone.family)
+    strategy = cls(model=model, cfg=cfg, params=cfg.strategy_params(), tasks=stream.tasks, device=device,
+                   precision=cfg.runtime.precision, progress=progress)
     strategy.train_datasets = [e.dataset for e in stream.train_stream]
-    return stream, strategy, ClassificationEvaluator(stream, cfg.evaluation, progress)
+    return stream, strategy, make_evaluator(stream, cfg.evaluation, progress)
 
 
 def run(cfg: RunConfig, out: str | Path | None = None, *, resume: bool = False, overwrite: bool = False,
@@ -94,14 +94,16 @@ def _run(cfg: RunConfig, run_dir: R.RunDir, *, resume, overwrite, stop_after, pr
     R.record_runtime(record, describe_device(strategy.device), cfg.runtime.precision)
     if not resume:
         run_dir.start(cfg, record)
-    elif done:
+    else:
+        evaluator.restore(record)
+    if resume and done:
         strategy.load_state_dict(run_dir.load_checkpoint(done - 1))
         log(f"resuming {out} after experience {done}/{len(stream.tasks)}")
     if record.get("zero_shot") is None and cfg.evaluation.zero_shot_row:
         t = time.perf_counter()
         record["zero_shot"] = evaluator.row(strategy, -1)
         timings["zero_shot_eval_s"] = round(time.perf_counter() - t, 3)
-        run_dir.save_progress(record, strategy, step_log=[])
+        run_dir.save_progress(record, strategy, step_log=[], extra=evaluator.extra_results())
         log(f"[{cfg.name}] zero-shot: " + " ".join(f"{a:.3f}" for a in record["zero_shot"]))
     for i in range(done, len(stream.tasks)):
         seed_everything(cfg.seed + i)
@@ -117,9 +119,9 @@ def _run(cfg: RunConfig, run_dir: R.RunDir, *, resume, overwrite, stop_after, pr
             + " ".join(f"{a:.3f}" for a in row))
         step_log = [s for s in strategy.step_log if s["experience"] == i]
         run_dir.save_progress(record, strategy, step_log=step_log, checkpoint_index=i,
-                              extra=strategy.extra_results())
+                              extra=extra_results(strategy, evaluator))
         if stop_after is not None and i + 1 >= stop_after and i + 1 < len(stream.tasks):
             log(f"[{cfg.name}] stopped after experience {i + 1} as asked; continue with --resume")
             return out
-    run_dir.finish(record, strategy.extra_results())
+    run_dir.finish(record, extra_results(strategy, evaluator))
     return out

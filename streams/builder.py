@@ -4,6 +4,9 @@
   (seeded permutation, natural, or given). Every class lands in exactly one experience.
 - ``multi_domain``: a sequence of datasets (MTIL style), one experience each, each with its own
   label space; a named order (``mtil_order1``/``mtil_order2``) or an explicit list.
+- ``vqa``: visual question answering, one experience per question type (VQACL style), on the
+  synthetic world (``synthetic_vqa``) or VQACL partition files (``vqacl``); items are
+  ``(image, record index)`` and each experience's :class:`~lifelong_moe.data.QATask` holds the records.
 """
 from __future__ import annotations
 
@@ -15,8 +18,8 @@ import numpy as np
 from torch.utils.data import Dataset, Subset
 
 from ..config import SourceSpec, StreamConfig
-from ..data import ClassificationData, LabelSpace, TaskInfo, subset_indices
-from .transforms import ImageTransform, transformed
+from ..data import ClassificationData, LabelSpace, QAData, QATask, TaskInfo, subset_indices
+from .transforms import ImageTransform, prepare, transformed
 
 
 @dataclass
@@ -26,7 +29,7 @@ class Stream:
 
     kind: str
     benchmark: object
-    tasks: list[TaskInfo]
+    tasks: list  # TaskInfo (classification) or QATask (vqa)
     skipped_images: dict[str, int] = field(default_factory=dict)  # dataset -> unreadable files left out
 
     def __len__(self) -> int:
@@ -40,9 +43,12 @@ class Stream:
     def test_stream(self):
         return self.benchmark.test_stream
 
+    @property
+    def task_kind(self) -> str:
+        return "vqa" if self.kind == "vqa" else "classification"
+
     def describe(self) -> list[dict]:
-        return [{"index": t.index, "name": t.name, "label_space": t.label_space.name,
-                 "classes": list(t.classes), "class_names": t.class_names} for t in self.tasks]
+        return [t.describe() for t in self.tasks]
 
 
 def data_root(cfg: StreamConfig) -> Path:
@@ -117,11 +123,50 @@ def split_sizes(cfg: StreamConfig, n_classes: int) -> list[int]:
     return [n_classes // n + (1 if i < n_classes % n else 0) for i in range(n)]
 
 
+def vqa_order(cfg: StreamConfig) -> list[str]:
+    from .vqa_synthetic import QUESTION_TYPES
+
+    if cfg.question_types is not None:
+        return list(cfg.question_types)
+    if cfg.order != "vqacl":
+        raise ValueError(f"stream.order: unknown question-type order {cfg.order!r}; named orders: vqacl")
+    return list(QUESTION_TYPES)
+
+
+def load_qa(cfg: StreamConfig, qtype: str, seed: int) -> QAData:
+    """One question type's data (``questions_per_type``: questions drawn per split, seeded)."""
+    from .vqa_synthetic import load_vqa_source
+
+    dataset = cfg.dataset if isinstance(cfg.dataset, str) else cfg.dataset.dataset
+    sizes = {k: v for k, v in (("n_train", cfg.questions_per_type.train), ("n_test", cfg.questions_per_type.test))
+             if v is not None}
+    extra = {"partition_dir": cfg.partition_dir} if dataset == "vqacl" else {}
+    return load_vqa_source(f"{dataset}/{qtype}", root=data_root(cfg), seed=seed, **sizes, **extra)
+
+
+def build_vqa(cfg: StreamConfig, transform: ImageTransform, seed: int):
+    from avalanche.benchmarks.scenarios import benchmark_from_datasets
+
+    trains, tests, tasks = [], [], []
+    for i, qtype in enumerate(vqa_order(cfg)):
+        data = load_qa(cfg, qtype, seed)
+        positions = {s: list(range(len(getattr(data, f"{s}_records")))) for s in ("train", "test")}
+        trains.append(_avalanche(prepare(data.train, positions["train"], transform.for_training()),
+                                 positions["train"]))
+        tests.append(_avalanche(prepare(data.test, positions["test"], transform), positions["test"]))
+        tasks.append(QATask(i, data.name, qtype, tuple(data.train_records), tuple(data.test_records)))
+    if len({t.name for t in tasks}) != len(tasks):
+        raise ValueError("stream.question_types: a question type is listed twice")
+    return benchmark_from_datasets(train=trains, test=tests), tasks
+
+
 def build_stream(cfg: StreamConfig, transform: ImageTransform, seed: int) -> Stream:
     from avalanche.benchmarks.scenarios import benchmark_from_datasets, class_incremental_benchmark
 
     skipped = {}
-    if cfg.kind == "class_incremental":
+    if cfg.kind == "vqa":
+        bm, tasks = build_vqa(cfg, transform, seed)
+    elif cfg.kind == "class_incremental":
         spec = _spec(cfg.dataset)
         data = load_data(spec, cfg, seed)
         skipped[data.name] = data.meta.get("skipped_images", 0)
@@ -157,7 +202,8 @@ def build_stream(cfg: StreamConfig, transform: ImageTransform, seed: int) -> Str
         bm = benchmark_from_datasets(train=trains, test=tests)
     for s in (bm.train_stream, bm.test_stream):
         for exp, info in zip(s, tasks):
-            exp.task_info, exp.task_name, exp.class_names = info, info.name, info.class_names
+            exp.task_info, exp.task_name = info, info.name
+            exp.class_names = getattr(info, "class_names", [])
     return Stream(cfg.kind, bm, tasks, {k: n for k, n in skipped.items() if n})
 
 

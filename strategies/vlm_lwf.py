@@ -1,0 +1,80 @@
+"""Learning without Forgetting (Li & Hoiem, TPAMI 2017) on answer logits, for continual VQA:
+sequential LoRA on the LLM with a distillation term on the current batch's answer positions,
+
+    L = CE(answer) + alpha * T^2 * mean_t KL( softmax(z_old_t / T) || softmax(z_t / T) ),
+
+where z_t are the vocabulary logits at answer position t and z_old_t those of the model as it was
+after the previous experience. The teacher is not a copy of the VLM: its trainable weights (the
+LoRA factors) are swapped in for one extra no-grad forward, so the cost is one forward pass and the
+memory one adapter, whatever the backbone's size.
+"""
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from avalanche.core import SupervisedPlugin
+from pydantic import Field
+
+from .vlm_base import StatefulPlugin, VlmStrategy
+from .vlm_lora import Params as LoraParams
+from .vlm_lora import inject_lora
+
+
+class Params(LoraParams):
+    name: Literal["lwf"] = "lwf"
+    alpha: float = Field(1.0, ge=0)
+    temperature: float = Field(2.0, gt=0)
+
+
+class AnswerLwFPlugin(SupervisedPlugin, StatefulPlugin):
+    def __init__(self, alpha: float, temperature: float):
+        super().__init__()
+        self.alpha, self.t = alpha, temperature
+        self.old: dict[str, torch.Tensor] | None = None  # trainable state after the previous experience
+
+    def snapshot(self, strategy) -> None:
+        params = dict(strategy.model.named_parameters())
+        self.old = {n: params[n].detach().clone() for n in strategy.state_names}
+
+    @torch.no_grad()
+    def teacher_logits(self, strategy) -> torch.Tensor:
+        params = dict(strategy.model.named_parameters())
+        now = {n: params[n].detach().clone() for n in self.old}
+        was_training = strategy.model.training
+        strategy.model.eval()  # the teacher answers without dropout
+        try:
+            for n, v in self.old.items():
+                params[n].copy_(v)
+            return strategy.model.logits(strategy._batch)
+        finally:
+            for n, v in now.items():
+                params[n].copy_(v)
+            strategy.model.train(was_training)
+
+    def before_backward(self, strategy, **kwargs):
+        if self.old is None or self.alpha == 0:
+            return
+        labels = strategy._batch.labels  # -100 except the answer tokens (and EOS) it predicts
+        mask = torch.zeros_like(labels, dtype=torch.bool)
+        mask[:, :-1] = labels[:, 1:] != -100  # logits at t predict token t + 1
+        target = F.softmax(self.teacher_logits(strategy)[mask] / self.t, dim=-1)
+        log_p = F.log_softmax(strategy.mb_output[mask] / self.t, dim=-1)
+        strategy.loss += self.alpha * self.t ** 2 * F.kl_div(log_p, target, reduction="batchmean")
+
+    def after_training_exp(self, strategy, **kwargs):
+        self.snapshot(strategy)
+
+    def restore(self, strategy) -> None:
+        # The teacher is the model as it stood after the last completed experience: the checkpoint.
+        self.snapshot(strategy)
+
+
+class Strategy(VlmStrategy):
+    Params = Params
+    cost_hint = 1.5
+
+    def setup(self, model) -> None:
+        inject_lora(model, self.params)
+
+    def make_plugins(self):
+        return [AnswerLwFPlugin(self.params.alpha, self.params.temperature)]
