@@ -21,6 +21,11 @@ def _print_table(rows: list[tuple[str, dict]], keys: list[str]) -> None:
 
 
 SUMMARY_KEYS = ["last", "avg_incremental", "forgetting", "bwt", "mtil_transfer", "mtil_avg", "mtil_last"]
+VQA_SUMMARY_KEYS = ["vqacl_ap", "vqacl_af", "last", "avg_incremental", "bwt", "fwt"]  # VQACL reports AP / AF
+
+
+def summary_keys(records: list[dict]) -> list[str]:
+    return VQA_SUMMARY_KEYS if all(r.get("stream_kind") == "vqa" for r in records) else SUMMARY_KEYS
 
 
 def _jobs_in(config: str, overrides: list[str]) -> int:
@@ -61,6 +66,10 @@ def cmd_run(a) -> int:
             RunDir(out).check_start(cfg, resume=a.resume, overwrite=a.overwrite)
         run_parallel(a.config, a.overrides, configs, outs, jobs, options, quiet=a.quiet)
     else:
+        from .runner import resolve_runtime
+
+        for cfg in configs:  # an unavailable device fails before any variant starts writing
+            resolve_runtime(cfg)
         for cfg, out in zip(configs, outs):
             run(cfg, out, progress=not a.quiet, log=(lambda *_: None) if a.quiet else print, **options)
     from .results import load_record
@@ -68,7 +77,7 @@ def cmd_run(a) -> int:
     records = [(str(o), load_record(o)) for o in outs]
     if all(r["status"] == "complete" for _, r in records):
         print()
-        _print_table([(r["name"], r["metrics"]) for _, r in records], SUMMARY_KEYS)
+        _print_table([(r["name"], r["metrics"]) for _, r in records], summary_keys([r for _, r in records]))
         if len(outs) > 1:
             from .compare import compare_runs
 
@@ -138,15 +147,21 @@ def cmd_bench(a) -> int:
 def cmd_list(a) -> int:
     from . import metrics
     from .clip import shipped_model_names
-    from .registry import STRATEGIES, STREAM_KINDS
+    from .registry import FAMILIES, STRATEGIES, STREAM_KINDS
     from .streams.mtil import NAMED_ORDERS
     from .streams.sources import KNOWN_SOURCES
+    from .streams.vqa_synthetic import KNOWN_VQA_SOURCES
+    from .vlm_tiny import shipped_vlm_names
 
-    print("strategies: " + ", ".join(sorted(STRATEGIES)))
-    print("streams:    " + ", ".join(STREAM_KINDS) + "   named orders: " + ", ".join(NAMED_ORDERS))
+    print("families:   " + "; ".join(f"{k}: {v}" for k, v in FAMILIES.items()))
+    print("strategies: " + ", ".join(f"{n} ({'/'.join(f)})" for n, f in sorted(STRATEGIES.items())))
+    print("streams:    " + ", ".join(STREAM_KINDS) + "   named orders: " + ", ".join(NAMED_ORDERS) + ", vqacl (vqa)")
     print("datasets:   " + ", ".join(KNOWN_SOURCES))
-    print("backbones:  shipped " + ", ".join(shipped_model_names()) + "; any open_clip name with "
+    print("vqa tasks:  " + ", ".join(KNOWN_VQA_SOURCES))
+    print("backbones:  clip: shipped " + ", ".join(shipped_model_names()) + "; any open_clip name with "
           "pretrained=<tag or path> (see open_clip.list_pretrained())")
+    print("            vlm: shipped " + ", ".join(shipped_vlm_names()) + " (pretrained: synthetic); any LLaVA "
+          "hub id or local save_pretrained directory")
     print("metrics:    " + ", ".join(metrics.METRICS))
     return 0
 

@@ -36,7 +36,9 @@ class VlmStrategy(ContinualTemplate):
         in one forward pass."""
         records = [task.train_records[int(i)] for task, _, idx in groups for i in idx]
         batch = self.qa_batch(torch.cat([x for _, x, _ in groups]), records)
-        return self.model.answer_loss(batch)
+        with self.autocast():
+            logits = self.model.logits(batch)
+        return self.model.answer_loss(batch, logits)  # in fp32
 
     # ---------------------------------------------------------------- training
     def begin_experience(self, task: QATask) -> None:
@@ -47,12 +49,13 @@ class VlmStrategy(ContinualTemplate):
 
     def forward(self):
         self._batch = self.qa_batch(self.mb_x, [self.records[int(i)] for i in self.mb_y])
-        return self.model.logits(self._batch)
+        with self.autocast():
+            return self.model.logits(self._batch)
 
     def criterion(self):
         if self._batch is None:  # Avalanche eval loop: not used by our evaluator
-            return torch.zeros(())
-        return self.model.answer_loss(self._batch, self.mb_output)
+            return torch.zeros((), device=self.device)
+        return self.model.answer_loss(self._batch, self.mb_output)  # in fp32
 
     # ---------------------------------------------------------------- inference
     @torch.no_grad()
@@ -60,11 +63,16 @@ class VlmStrategy(ContinualTemplate):
         """Greedy answers to ``questions`` about images ``x`` (``task`` is the test set's, for
         strategies that evaluate task-aware; the default ignores it)."""
         self.model.eval()
-        return self.model.generate(x.to(self.device), questions, max_new_tokens=self.cfg.evaluation.max_new_tokens)
+        with self.autocast():
+            return self.model.generate(x.to(self.device), questions,
+                                       max_new_tokens=self.cfg.evaluation.max_new_tokens)
 
     @torch.no_grad()
     def token_accuracy(self, x: torch.Tensor, questions: list[str], answers: list[str],
                        task: QATask | None = None) -> torch.Tensor:
         """Per sample: the fraction of answer tokens ranked first under teacher forcing."""
         self.model.eval()
-        return self.model.token_accuracy(self.model.batch(x.to(self.device), questions, answers)).cpu()
+        batch = self.model.batch(x.to(self.device), questions, answers)
+        with self.autocast():
+            logits = self.model.logits(batch)
+        return self.model.token_accuracy(batch, logits).cpu()

@@ -45,7 +45,8 @@ class AnswerLwFPlugin(SupervisedPlugin, StatefulPlugin):
         try:
             for n, v in self.old.items():
                 params[n].copy_(v)
-            return strategy.model.logits(strategy._batch)
+            with strategy.autocast():
+                return strategy.model.logits(strategy._batch)
         finally:
             for n, v in now.items():
                 params[n].copy_(v)
@@ -57,8 +58,8 @@ class AnswerLwFPlugin(SupervisedPlugin, StatefulPlugin):
         labels = strategy._batch.labels  # -100 except the answer tokens (and EOS) it predicts
         mask = torch.zeros_like(labels, dtype=torch.bool)
         mask[:, :-1] = labels[:, 1:] != -100  # logits at t predict token t + 1
-        target = F.softmax(self.teacher_logits(strategy)[mask] / self.t, dim=-1)
-        log_p = F.log_softmax(strategy.mb_output[mask] / self.t, dim=-1)
+        target = F.softmax(self.teacher_logits(strategy)[mask].float() / self.t, dim=-1)
+        log_p = F.log_softmax(strategy.mb_output[mask].float() / self.t, dim=-1)
         strategy.loss += self.alpha * self.t ** 2 * F.kl_div(log_p, target, reduction="batchmean")
 
     def after_training_exp(self, strategy, **kwargs):

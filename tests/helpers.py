@@ -14,6 +14,7 @@ def tiny_config(strategy: dict, **over) -> "RunConfig":
         "strategy": strategy,
         "training": {"epochs": 1, "batch_size": 8, "optimizer": {"lr": 1e-3}},
         "evaluation": {"batch_size": 64},
+        "runtime": {"device": "cpu"},  # exact-value tests hold on the CPU, also on a machine with a GPU
     }
     for k, v in over.items():
         node = data
