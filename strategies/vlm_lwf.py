@@ -5,8 +5,8 @@ sequential LoRA on the LLM with a distillation term on the current batch's answe
 
 where z_t are the vocabulary logits at answer position t and z_old_t those of the model as it was
 after the previous experience. The teacher is not a copy of the VLM: its trainable weights (the
-LoRA factors) are swapped in for one extra no-grad forward, so the cost is one forward pass and the
-memory one adapter, whatever the backbone's size.
+LoRA factors) are substituted for one extra no-grad forward (``torch.func.functional_call``), so the
+cost is one forward pass and the memory one adapter, whatever the backbone's size.
 """
 from typing import Literal
 
@@ -38,18 +38,15 @@ class AnswerLwFPlugin(SupervisedPlugin, StatefulPlugin):
 
     @torch.no_grad()
     def teacher_logits(self, strategy) -> torch.Tensor:
-        params = dict(strategy.model.named_parameters())
-        now = {n: params[n].detach().clone() for n in self.old}
+        """The previous model's logits: its trainable weights substituted for this one forward
+        (``torch.func.functional_call``: the live parameters, which the student's graph holds, are
+        never written), without dropout."""
         was_training = strategy.model.training
-        strategy.model.eval()  # the teacher answers without dropout
+        strategy.model.eval()
         try:
-            for n, v in self.old.items():
-                params[n].copy_(v)
             with strategy.autocast():
-                return strategy.model.logits(strategy._batch)
+                return torch.func.functional_call(strategy.model, self.old, (strategy._batch,), strict=False)
         finally:
-            for n, v in now.items():
-                params[n].copy_(v)
             strategy.model.train(was_training)
 
     def before_backward(self, strategy, **kwargs):

@@ -123,7 +123,7 @@ def test_cpu_fp32_numbers_are_those_from_before_devices_existed(tmp_path, name):
 def test_device_cpu_and_auto_give_bit_identical_runs(tmp_path):
     from safetensors.torch import load_file
 
-    base = tiny_config({"name": "moe_adapters", **REF_MOE}, **{**REF, "training__epochs": 1})  # device: auto
+    base = tiny_config({"name": "moe_adapters", **REF_MOE}, **{**REF, "training__epochs": 1, "runtime__device": "auto"})
     cpu = run(base.model_copy(update={"runtime": base.runtime.model_copy(update={"device": "cpu"})}),
               tmp_path / "cpu", progress=False, log=quiet)
     auto = run(base, tmp_path / "auto", progress=False, log=quiet)
