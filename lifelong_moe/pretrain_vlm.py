@@ -64,7 +64,7 @@ class VlmPretrainConfig:
     weight_decay: float = 0.01
     caption_share: float = 0.2      # share of each batch that is image-caption pairs
     question_types: tuple[str, ...] = field(default_factory=_default_types)  # the rest stay unseen
-    threads: int = 2
+    threads: int = 1                # torch threads: 2 ran 20x slower per step on a shared 2-core machine (OpenMP stalls)
     # evaluation only (not part of the cache key)
     eval_test: int = 100            # test questions per type
     eval_seed: int = 0
@@ -245,7 +245,7 @@ def pretrain_vlm(cfg: VlmPretrainConfig = None, *, cache_dir=None, force: bool =
     from filelock import FileLock
 
     from .clip import resolve_synthetic
-    from .vlm import VisionLanguageModel
+    from .vlm import VisionLanguageModel, _quiet_transformers
     from .vlm_tiny import build_tiny_llava, tiny_spec
 
     cfg = cfg or VlmPretrainConfig()
@@ -277,8 +277,9 @@ def pretrain_vlm(cfg: VlmPretrainConfig = None, *, cache_dir=None, force: bool =
                                   "pretrained": t in cfg.question_types} for t, a in acc.items()}}
         tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
         try:
-            vlm.model.save_pretrained(tmp)
-            vlm.processor.save_pretrained(tmp)
+            with _quiet_transformers():
+                vlm.model.save_pretrained(tmp)
+                vlm.processor.save_pretrained(tmp)
             # the record first, the directory last: an existing checkpoint always has its record
             write_text(info_path(path), json.dumps(info, indent=2) + "\n")
             if path.exists():  # force: move the old one aside, then swap
