@@ -287,7 +287,8 @@ def test_pretraining_batches_mix_captions_and_seen_question_types_only():
     again = make_batch_source(cfg, "describe the picture", np.random.default_rng(0))()
     assert np.array_equal(again[0], images_) and again[1:] == (qs, ans)
     key = cache_key(cfg, "clip-abc.safetensors")
-    assert key == cache_key(VlmPretrainConfig(batch_size=20, question_types=["color", "count"], threads=1, eval_test=3),
+    assert key == cache_key(VlmPretrainConfig(batch_size=20, caption_share=0.25, question_types=["color", "count"],
+                                              threads=2, eval_test=3),
                             "clip-abc.safetensors")
     assert len({key, cache_key(VlmPretrainConfig(batch_size=20, question_types=("color",)), "clip-abc.safetensors"),
                 cache_key(cfg, "clip-xyz.safetensors")}) == 3
