@@ -1,5 +1,6 @@
 # Two entry points for a fresh machine (see README):
-#   make demo   create .venv, install the pinned set, run the quickstart on the embedded default
+#   make demo   create .venv, install the pinned set, run both quickstarts on the embedded default
+#               (CLIP toy MTIL, then continual VQA on the tiny VLM)
 #   make test   create .venv, install with test extras, run the whole test suite
 VENV ?= .venv
 PY := $(VENV)/bin/python
@@ -16,6 +17,7 @@ install: $(VENV)/.installed
 
 demo: install
 	$(VENV)/bin/lifelong-moe run configs/quickstart.yaml --overwrite
+	$(VENV)/bin/lifelong-moe run configs/vqa_quickstart.yaml --overwrite
 
 test: install
 	$(PY) -m pytest -q

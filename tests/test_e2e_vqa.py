@@ -1,0 +1,71 @@
+"""Seeded end-to-end run of the VQA quickstart (continual VQA on the pretrained tiny LLaVA): the
+phenomena the quickstart is there to show must be real."""
+import json
+
+import numpy as np
+import pytest
+
+from lifelong_moe.cli import main
+from lifelong_moe.streams.vqa_synthetic import HELD_OUT_TYPES, chance_level
+
+from conftest import CONFIGS
+
+pytestmark = pytest.mark.slow
+
+VARIANTS = ["zeroshot", "lora", "replay", "lwf"]
+LEARNED_IN_PRETRAINING = ["location", "count", "color"]  # clearly above chance zero-shot (recognition and
+# judge are pretrained too, but the tiny model learns them weakly: recognition ~2x chance, judge at chance)
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    out = tmp_path_factory.mktemp("vqa_quickstart")
+    assert main(["run", str(CONFIGS / "vqa_quickstart.yaml"), "-o", str(out), "-q"]) == 0
+    assert (out / "compare" / "forgetting_curves.png").is_file()
+    return {d.name: json.loads((d / "results.json").read_text()) for d in out.iterdir() if d.name != "compare"}
+
+
+def types(r):
+    return [t["question_type"] for t in r["tasks"]]
+
+
+def metric(r, name):
+    return r["metrics"][name]["value"]
+
+
+def test_zero_shot_knows_the_pretrained_types_and_not_the_held_out_ones(runs):
+    r = runs["zeroshot"]
+    zs = dict(zip(types(r), r["zero_shot"]))
+    assert types(r) == ["recognition", "location", "judge", "commonsense", "count", "action", "color", "type",
+                        "subcategory", "causal"]  # VQACL's order
+    for t in LEARNED_IN_PRETRAINING:
+        assert zs[t] >= chance_level(t) + 0.2, (t, zs[t])
+    for t in HELD_OUT_TYPES:  # never asked in pretraining: at most chance (mostly 0: wrong answer words)
+        assert zs[t] <= chance_level(t) + 0.05, (t, zs[t])
+    assert r["matrix"] == [r["zero_shot"]] * 10  # the frozen model, scored once per test set
+
+
+def test_sequential_lora_learns_new_types_and_forgets_earlier_ones(runs):
+    r, zs = runs["lora"], np.asarray(runs["zeroshot"]["zero_shot"])
+    A = np.asarray(r["matrix"])
+    held = [types(r).index(t) for t in HELD_OUT_TYPES]
+    assert A.shape == (10, 10)
+    assert np.mean(np.diag(A)[held] - zs[held]) >= 0.15  # learned right after training on them
+    assert metric(r, "forgetting") >= 0.25 and metric(r, "bwt") <= -0.2
+    assert A[-1, types(r).index("location")] <= zs[types(r).index("location")] - 0.3  # the old skill is gone
+
+
+def test_replay_forgets_less_than_sequential_lora(runs):
+    assert metric(runs["replay"], "forgetting") <= metric(runs["lora"], "forgetting") - 0.1
+    assert metric(runs["replay"], "vqacl_ap") >= metric(runs["lora"], "vqacl_ap") + 0.1
+
+
+def test_every_run_records_answer_metrics_and_vqacl_scores(runs):
+    for name in VARIANTS:
+        r = runs[name]
+        assert r["status"] == "complete" and r["metric_kind"] == "exact_match_accuracy"
+        am = r["extra"]["answer_metrics"]
+        assert am["primary"] == "exact_match" and am["matrix"]["exact_match"] == r["matrix"]
+        assert np.asarray(am["matrix"]["token_accuracy"]).shape == (10, 10)
+        assert metric(r, "vqacl_ap") == pytest.approx(np.mean(r["matrix"][-1]))
+        assert metric(r, "vqacl_af") is not None
