@@ -211,6 +211,20 @@ class ClMoEMethod:
         }}
 
     # ---------------------------------------------------------------- state (tensors only)
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """Trainable tensors (experts, routers) and CL-MoE's task gates, prototypes and logs."""
+        return {**super().state_dict(), **self.cl_moe_state()}
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        super().load_state_dict({k: v for k, v in state.items() if not k.startswith("clmoe.")})
+        self.load_cl_moe_state(state)
+
+    def parameter_counts(self) -> dict[str, int]:
+        counts = super().parameter_counts()
+        counts["experts"] = sum(m.experts.A.numel() + m.experts.B.numel() for m in self.moe.layers.values())
+        counts["routers"] = sum(m.router.weight.numel() for m in self.moe.layers.values())
+        return counts
+
     def cl_moe_state(self) -> dict[str, torch.Tensor]:
         st = {f"clmoe.gates.{n}": m.task_gates.clone() for n, m in self.moe.layers.items()}
         if self.prototypes is not None:
@@ -361,16 +375,3 @@ class Strategy(ClMoEMethod, VlmStrategy):
         finally:
             self.moe.state.task_ids, self._probe.pending = None, None
 
-    # ---------------------------------------------------------------- state
-    def state_dict(self) -> dict[str, torch.Tensor]:
-        return {**super().state_dict(), **self.cl_moe_state()}
-
-    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
-        super().load_state_dict({k: v for k, v in state.items() if not k.startswith("clmoe.")})
-        self.load_cl_moe_state(state)
-
-    def parameter_counts(self) -> dict[str, int]:
-        counts = super().parameter_counts()
-        counts["experts"] = sum(sum(t.numel() for t in (m.experts.A, m.experts.B)) for m in self.moe.layers.values())
-        counts["routers"] = sum(m.router.weight.numel() for m in self.moe.layers.values())
-        return counts

@@ -126,6 +126,9 @@ class LoRAMoELinear(nn.Linear):
             self._record(g)
         w = st.mix_weights(x.device)
         if w is not None and self.task_gates.shape[0]:
+            if x.dim() < 2 or x.shape[0] != w.shape[0]:
+                raise ValueError(f"{w.shape[0]} per-sample task ids for an input of shape {list(x.shape)} "
+                                 "(task mixing needs batch-first inputs)")
             gt = self.task_gates[st.task_ids.to(x.device).clamp(min=0)]  # [B, E]
             shape = (-1,) + (1,) * (g.dim() - 2) + (1,)
             w = w.to(g.dtype).view(shape)
