@@ -269,12 +269,23 @@ class FirstLayerProbe:
     pending for a pass of matching shape, the pooled features go to ``callback`` before any adapted
     layer runs; decoding steps (one new token) find nothing pending."""
 
-    def __init__(self, callback):
-        self.callback = callback
-        self.pending: tuple[torch.Tensor, torch.Tensor] | None = None
+    def __init__(self, callback, image_token_id: int):
+        self.callback, self.image_token_id = callback, image_token_id
+        self.pending: tuple[torch.Tensor, torch.Tensor] | str | None = None
 
-    def expect(self, image_mask: torch.Tensor, text_mask: torch.Tensor) -> None:
-        self.pending = (image_mask, text_mask)
+    def expect(self, image_mask: torch.Tensor | None = None, text_mask: torch.Tensor | None = None) -> None:
+        """Pool the next pass over these token masks; without masks, over the prompt the next
+        multi-token pass's ``input_ids`` / ``attention_mask`` hold (generation's prefill)."""
+        self.pending = "inputs" if image_mask is None else (image_mask, text_mask)
+
+    def read_inputs(self, module, args, kwargs):
+        """Forward pre-hook on the LLaVA model: masks from the prompt being prefilled."""
+        ids, att = kwargs.get("input_ids"), kwargs.get("attention_mask")
+        if self.pending == "inputs" and ids is not None and ids.shape[1] > 1:
+            valid = att.bool() if att is not None else torch.ones_like(ids, dtype=torch.bool)
+            image = (ids == self.image_token_id) & valid
+            self.pending = (image, valid & ~image)
+        return None
 
     @staticmethod
     def pool(h: torch.Tensor, image_mask: torch.Tensor, text_mask: torch.Tensor) -> torch.Tensor:
@@ -287,7 +298,7 @@ class FirstLayerProbe:
         return torch.cat(halves, dim=-1)
 
     def __call__(self, module, args, kwargs):
-        if self.pending is None:
+        if not isinstance(self.pending, tuple):
             return None
         h = args[0] if args else kwargs["hidden_states"]
         image_mask, text_mask = self.pending
@@ -305,8 +316,9 @@ class Strategy(ClMoEMethod, VlmStrategy):
     def setup(self, model) -> None:
         self._net = model  # Avalanche sets self.model only after setup
         self.setup_cl_moe(model, 2 * model.language_model.config.hidden_size)
-        self._probe = FirstLayerProbe(self._on_features)
+        self._probe = FirstLayerProbe(self._on_features, model.image_token_id)
         model.decoder_layers[0].register_forward_pre_hook(self._probe, with_kwargs=True)
+        model.model.model.register_forward_pre_hook(self._probe.read_inputs, with_kwargs=True)
 
     def inject(self, model):
         p = self.params
@@ -352,16 +364,13 @@ class Strategy(ClMoEMethod, VlmStrategy):
             self.model.train(was)
 
     # ---------------------------------------------------------------- inference
-    def _prepare(self, x, questions, answers, task, padding_side: str) -> None:
-        self.moe.state.task_ids = None
-        if self.mixes_tasks():
-            b = self.model.batch(x.to(self.device), questions, answers, padding_side=padding_side)
-            self._probe.expect(b.image_mask, b.prompt_mask)
-            self._eval_task = task.index if task is not None and answers is None else None
-
     @torch.no_grad()
     def answer(self, x, questions, task=None):
-        self._prepare(x, questions, None, task, "left")
+        """Greedy answers; with the task router, the prefill's input embeddings infer each task."""
+        self.moe.state.task_ids = None
+        if self.mixes_tasks():
+            self._probe.expect()
+            self._eval_task = task.index if task is not None else None
         try:
             return super().answer(x, questions, task)
         finally:
@@ -369,9 +378,13 @@ class Strategy(ClMoEMethod, VlmStrategy):
 
     @torch.no_grad()
     def token_accuracy(self, x, questions, answers, task=None):
-        self._prepare(x, questions, answers, task, "right")
+        """Teacher-forced; the task is inferred from the image and question tokens only."""
+        self.model.eval()
+        self.moe.state.task_ids = None
+        batch = self.model.batch(x.to(self.device), questions, answers)
+        if self.mixes_tasks():
+            self._probe.expect(batch.image_mask, batch.prompt_mask)
         try:
-            return super().token_accuracy(x, questions, answers, task)
+            return self.model.token_accuracy(batch).cpu()
         finally:
             self.moe.state.task_ids, self._probe.pending = None, None
-

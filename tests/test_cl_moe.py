@@ -98,3 +98,39 @@ def test_resumed_run_equals_uninterrupted_run(tmp_path, monkeypatch):
     assert resumed["matrix"] == full["matrix"]
     assert resumed["extra"]["cl_moe"] == full["extra"]["cl_moe"]
     assert resumed["extra"]["answer_metrics"] == full["extra"]["answer_metrics"]
+
+
+def test_generation_prefill_and_teacher_forcing_pool_the_same_prompt_features():
+    """Task inference reads the image and question tokens only: from generation's left-padded prefill
+    (masks from its input ids) as from a right-padded teacher-forced batch with the answer."""
+    stream, s, _ = runner.build(config(), progress=False)
+    got = []
+    s._probe.callback = got.append
+    x, questions, answers = [], [], []
+    for col in (0, 1):  # two question types: prompts of different lengths, so padding differs
+        data, task = stream.test_stream[col].dataset, stream.tasks[col]
+        for i in range(3):
+            img, idx = data[i][:2]
+            x.append(img)
+            questions.append(task.test_records[int(idx)].question)
+            answers.append(task.test_records[int(idx)].answer)
+    x = torch.stack(x)
+    assert len({len(q.split()) for q in questions}) > 1
+    s.prototypes.add(torch.randn(4, 2 * 128))  # a task router in place: the strategy pools prompts
+    for m in s.moe.layers.values():
+        m.add_task_gate(torch.tensor([1.0, 0, 0, 0]))
+    s.answer(x, questions, stream.tasks[0])
+    s.token_accuracy(x, questions, answers, stream.tasks[0])
+    assert len(got) == 2 and got[0].shape == (6, 2 * 128)
+    assert torch.allclose(got[0], got[1], atol=1e-5)
+
+
+def test_bench_cl_moe_smoke():
+    """The cost benchmark runs and compares like with like (timings are never asserted)."""
+    from lifelong_moe.bench_cl_moe import cl_moe_cost
+
+    r = cl_moe_cost(batch=4, infer_batch=4, max_new_tokens=2, repeats=1, warmup=0, threads=1)
+    assert r["setup"]["adapted_linears"] == LAYERS * MODULES
+    assert r["rows_without_eos"] == {"cl_moe": 4, "lora": 4}  # same number of decoding steps
+    assert r["task_inference_fallback_rate"] == 0.0  # the bench's task router really mixed
+    assert all(v > 0 for v in (r["train_ratio_vs_lora"], r["generation_ratio_vs_lora"]))

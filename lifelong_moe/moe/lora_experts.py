@@ -45,15 +45,26 @@ class LoRAExperts(StackedExperts):
         nn.init.normal_(self.A.data[i], mean=0.0, std=self.init_std)
         self.B.data[i].zero_()
 
+    def down_weight(self) -> torch.Tensor:
+        """Every expert's ``A`` stacked as one [E * rank, in] matrix (a view, no copy)."""
+        return self.effective("A").reshape(self.num_experts * self.rank, self.in_features)
+
+    def up(self, z: torch.Tensor, gates: torch.Tensor, out: torch.Tensor | None = None,
+           alpha: float = 1.0) -> torch.Tensor:
+        """``z`` = x A^T [..., E*rank], ``gates`` [..., E] -> ``alpha sum_i gates_i B_i z_i`` [..., out];
+        added IN PLACE into ``out`` when given (a fresh tensor autograd does not need)."""
+        E, r = self.num_experts, self.rank
+        b = self.effective("B").reshape(E * r, self.out_features)
+        z = (z.unflatten(-1, (E, r)) * gates.unsqueeze(-1).to(z.dtype)).flatten(-2)
+        if out is None:
+            return alpha * (z @ b) if alpha != 1.0 else z @ b
+        out.view(-1, self.out_features).addmm_(z.reshape(-1, E * r), b, alpha=alpha)
+        return out
+
     def forward(self, x: torch.Tensor, gates: torch.Tensor) -> torch.Tensor:
         """``x`` [..., in] (already dropped out), ``gates`` [..., E] (scaling folded in) ->
         ``sum_i gates_i B_i A_i x`` [..., out], as one rank ``E * rank`` LoRA."""
-        E, r = self.num_experts, self.rank
-        a = self.effective("A").reshape(E * r, self.in_features)
-        b = self.effective("B").reshape(E * r, self.out_features)
-        z = F.linear(x, a)  # [..., E*r]
-        z = (z.unflatten(-1, (E, r)) * gates.unsqueeze(-1).to(z.dtype)).flatten(-2)
-        return z @ b
+        return self.up(F.linear(x, self.down_weight()), gates)
 
     def expert_forward(self, i: int, x: torch.Tensor) -> torch.Tensor:
         """Expert ``i`` alone, unscaled (reference path for tests)."""
@@ -67,22 +78,39 @@ class RoutingState:
     ``active``: False bypasses all experts (the exact frozen backbone). ``task_ids`` [B] (or None):
     per-sample task index into each layer's ``task_gates`` (-1: instance router alone); ``beta``:
     weight of the instance gate where a task is set. ``record``: layers count the top-``record_k``
-    instance selections per expert over the tokens ``token_mask`` [B, L] marks (None: all)."""
+    instance selections per expert over the tokens ``token_mask`` [B, L] marks (None: all).
+    Setting ``task_ids`` or ``beta`` bumps ``version``: layers rebuild their cached mixing terms
+    once, not at every decoding step."""
 
     def __init__(self, beta: float = 0.5):
         self.active = True
-        self.beta = beta
-        self.task_ids: torch.Tensor | None = None
+        self._beta, self._task_ids, self.version = beta, None, 0
         self.record = False
         self.record_k = 2
         self.token_mask: torch.Tensor | None = None
 
+    @property
+    def beta(self) -> float:
+        return self._beta
+
+    @beta.setter
+    def beta(self, value: float) -> None:
+        self._beta, self.version = float(value), self.version + 1
+
+    @property
+    def task_ids(self) -> torch.Tensor | None:
+        return self._task_ids
+
+    @task_ids.setter
+    def task_ids(self, ids: torch.Tensor | None) -> None:
+        self._task_ids, self.version = ids, self.version + 1
+
     def mix_weights(self, device) -> torch.Tensor | None:
         """Per-sample instance weight [B] (beta with a task, 1 without); None: no task mixing."""
-        if self.task_ids is None or self.beta >= 1.0:
+        if self._task_ids is None or self._beta >= 1.0:
             return None
-        ids = self.task_ids.to(device)
-        return torch.where(ids >= 0, self.beta, 1.0).float()
+        ids = self._task_ids.to(device)
+        return torch.where(ids >= 0, self._beta, 1.0).float()
 
 
 class LoRAMoELinear(nn.Linear):
@@ -110,7 +138,9 @@ class LoRAMoELinear(nn.Linear):
     def instance_gates(self, x: torch.Tensor) -> torch.Tensor:
         """G^I(x): token-wise softmax over the experts; with ``top_k`` the softmax over the k largest
         logits (0 elsewhere)."""
-        logits = self.router(x)
+        return self._gates(self.router(x))
+
+    def _gates(self, logits: torch.Tensor) -> torch.Tensor:
         if self.top_k is None or self.top_k >= logits.shape[-1]:
             return logits.softmax(-1)
         v, i = logits.topk(self.top_k, dim=-1)
@@ -121,19 +151,36 @@ class LoRAMoELinear(nn.Linear):
         st = self.state
         if not st.active:
             return y
-        g = self.instance_gates(x)
+        a = self.experts.down_weight()
+        if self.training and self.drop.p > 0:
+            logits, z = self.router(x), F.linear(self.drop(x), a)
+        else:  # no dropout: the router and every expert's A read x in one GEMM
+            z, logits = F.linear(x, torch.cat([a, self.router.weight])).split(
+                [a.shape[0], self.router.out_features], -1)
+        g = self._gates(logits)
         if st.record:
             self._record(g)
-        w = st.mix_weights(x.device)
-        if w is not None and self.task_gates.shape[0]:
-            if x.dim() < 2 or x.shape[0] != w.shape[0]:
-                raise ValueError(f"{w.shape[0]} per-sample task ids for an input of shape {list(x.shape)} "
-                                 "(task mixing needs batch-first inputs)")
-            gt = self.task_gates[st.task_ids.to(x.device).clamp(min=0)]  # [B, E]
-            shape = (-1,) + (1,) * (g.dim() - 2) + (1,)
-            w = w.to(g.dtype).view(shape)
-            g = w * g + (1 - w) * gt.to(g.dtype).view(gt.shape[0], *([1] * (g.dim() - 2)), -1)
-        return y + self.experts(self.drop(x), g * self.scaling)
+        mix = self._mixing(st, g) if st.task_ids is not None and self.task_gates.shape[0] else None
+        if mix is not None:  # w G^I + (1 - w) G^T(t) in one fused op over the tokens
+            g = torch.addcmul(mix[1], g, mix[0])
+        return self.experts.up(z, g, out=y, alpha=self.scaling)
+
+    def _mixing(self, st: RoutingState, g: torch.Tensor):
+        """``(w, (1 - w) G^T(t))`` shaped to broadcast over ``g`` [B, ..., E] (cached per state version)."""
+        key = (st.version, g.dim(), g.dtype, g.device)
+        if getattr(self, "_mix_key", None) != key:
+            w = st.mix_weights(g.device)
+            if w is None:
+                self._mix = None
+            else:
+                if g.dim() < 2 or g.shape[0] != w.shape[0]:
+                    raise ValueError(f"{w.shape[0]} per-sample task ids for an input of batch {g.shape[0]} "
+                                     "(task mixing needs batch-first inputs)")
+                shape = (w.shape[0],) + (1,) * (g.dim() - 2)
+                gt = self.task_gates[st.task_ids.to(g.device).clamp(min=0)]
+                self._mix = (w.to(g.dtype).view(*shape, 1), ((1 - w)[:, None] * gt).to(g.dtype).view(*shape, -1))
+            self._mix_key = key
+        return self._mix
 
     @torch.no_grad()
     def _record(self, g: torch.Tensor) -> None:
