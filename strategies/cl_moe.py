@@ -241,7 +241,7 @@ class ClMoEMethod:
 
     def load_cl_moe_state(self, state: dict[str, torch.Tensor]) -> None:
         for n, m in self.moe.layers.items():
-            m.task_gates = state[f"clmoe.gates.{n}"].clone().to(m.task_gates.device)
+            m.task_gates, m._mix_key = state[f"clmoe.gates.{n}"].clone().to(m.task_gates.device), None
         if self.prototypes is not None:
             self.prototypes.load_state_dict({k[len("clmoe.proto."):]: v for k, v in state.items()
                                              if k.startswith("clmoe.proto.")})

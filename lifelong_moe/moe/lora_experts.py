@@ -194,12 +194,14 @@ class LoRAMoELinear(nn.Linear):
     def add_task_gate(self, gate: torch.Tensor) -> int:
         """Append one task's distribution [E]; returns its index."""
         self.task_gates = torch.cat([self.task_gates, gate.to(self.task_gates)[None]])
+        self._mix_key = None
         return self.task_gates.shape[0] - 1
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         g = state_dict.get(prefix + "task_gates")
         if g is not None and g.shape != self.task_gates.shape:
             self.task_gates = torch.zeros_like(g, device=self.task_gates.device)
+        self._mix_key = None
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
 
