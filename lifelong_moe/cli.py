@@ -94,6 +94,10 @@ def cmd_metrics(a) -> int:
 
 
 def cmd_pretrain(a) -> int:
+    if a.what == "vlm":
+        from .pretrain_vlm import cli_pretrain_vlm
+
+        return cli_pretrain_vlm(a)
     from .clip import resolve_synthetic
     from .config import apply_overrides, read_yaml_tree
     from .pretrain import PretrainConfig, format_table, info_path, read_info
@@ -162,10 +166,11 @@ def parser() -> argparse.ArgumentParser:
     m = sub.add_parser("metrics", help="recompute and print the metrics of a saved run")
     m.add_argument("run")
     m.set_defaults(fn=cmd_metrics)
-    pt = sub.add_parser("pretrain", help="pretrain the embedded tiny CLIP on the synthetic world (cached)")
-    pt.add_argument("what", choices=["clip"])
-    pt.add_argument("config", nargs="?", help="YAML of PretrainConfig fields (model, steps, seed, ...)")
-    pt.add_argument("overrides", nargs="*", help="key=value overrides of PretrainConfig fields")
+    pt = sub.add_parser("pretrain", help="pretrain the embedded tiny CLIP or tiny VLM on the synthetic world (cached)")
+    pt.add_argument("what", choices=["clip", "vlm"])
+    pt.add_argument("config", nargs="?", help="YAML of PretrainConfig (clip) or VlmPretrainConfig (vlm) fields "
+                    "(model, steps, seed, ...)")
+    pt.add_argument("overrides", nargs="*", help="key=value overrides of those fields")
     pt.add_argument("--force", action="store_true", help="retrain even if a cached checkpoint exists")
     pt.add_argument("--cache-dir", help="cache root (default $LIFELONG_MOE_CACHE or ~/.cache/lifelong_moe)")
     pt.add_argument("-q", "--quiet", action="store_true")

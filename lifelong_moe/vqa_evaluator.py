@@ -60,8 +60,8 @@ class VqaEvaluator:
             tok = strategy.token_accuracy(x, questions, [r.answer for r in recs], task)
             sums["token_accuracy"] += float(tok.sum())
             for p, r in zip(preds, recs):
-                sums["exact_match"] += exact_match(p, r.reference_answers[:1] if r.answers else (r.answer,))
-                sums["vqa_accuracy"] += vqa_accuracy(p, r.reference_answers)
+                sums["exact_match"] += exact_match(p, r.answer)  # the training target
+                sums["vqa_accuracy"] += vqa_accuracy(p, r.reference_answers)  # the human answers
             examples += [{"question": r.question, "answer": r.answer, "predicted": p}
                          for p, r in zip(preds, recs)][: EXAMPLES - len(examples)]
         n = max(1, len(records))

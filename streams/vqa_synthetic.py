@@ -24,6 +24,7 @@ The types (what each asks; answers; the scenes it is asked on):
 - ``type``: the fill pattern of the shape. Answers: solid, striped, dotted, checkered. One large
   shape, clean.
 - ``subcategory``: which digit (the finer category under recognition's ``digit``). Answers: 0 to 9.
+  One large digit, clean, noisy or blurry.
 - ``causal``: why the object is hard to see; exactly one cause holds in each picture: it is small
   (far away: a small, clean object), blurred (a large object, blurry style) or noisy (a large object,
   noisy style). Answers: far, blur, noise.
@@ -53,17 +54,17 @@ from .synthetic import SceneMix, sample_scenes
 from .synthetic_render import (A, BACKGROUNDS, COLORS, COUNTS, DIGITS, POSITIONS, SHAPE_PLURALS, SHAPES, SIZES,
                                STYLES, TEXTURES, render)
 
-VQA_GENERATOR_VERSION = 1  # bump whenever questions, answers or images change (pretrained-VLM cache key)
+VQA_GENERATOR_VERSION = 2  # bump whenever questions, answers or images change (pretrained-VLM cache key)
 
 QUESTION_TYPES: list[str] = ["recognition", "location", "judge", "commonsense", "count", "action", "color",
                              "type", "subcategory", "causal"]
 PRETRAIN_TYPES: list[str] = ["recognition", "location", "judge", "count", "color"]
 HELD_OUT_TYPES: list[str] = [t for t in QUESTION_TYPES if t not in PRETRAIN_TYPES]
 
-__all__ = ["QUESTION_TYPES", "PRETRAIN_TYPES", "HELD_OUT_TYPES", "VQA_GENERATOR_VERSION", "make_questions",
-           "sample_for", "answer_space", "chance_level", "vocabulary", "words", "load_question_type", "load",
-           "register_vqa_source", "load_vqa_source", "KNOWN_VQA_SOURCES", "UnknownQuestionTypeError",
-           "CORNERS", "CAUSES"]
+__all__ = ["QUESTION_TYPES", "PRETRAIN_TYPES", "HELD_OUT_TYPES", "DEFINITIONS", "VQA_GENERATOR_VERSION",
+           "make_questions", "sample_for", "qa_examples", "answer_space", "chance_level", "vocabulary", "words",
+           "load_question_type", "load", "register_vqa_source", "load_vqa_source", "KNOWN_VQA_SOURCES",
+           "UnknownQuestionTypeError", "CORNERS", "CAUSES"]
 
 
 class UnknownQuestionTypeError(UserError, ValueError):
@@ -92,7 +93,20 @@ class _QType:
     group_phrasings: tuple[str, ...] = ()  # for scenes of 2-4 objects, where the singular reads wrong
 
 
-_DEFAULT_STYLES = (0.72, 0.07, 0.07, 0.07, 0.07)
+DEFINITIONS: dict[str, str] = {
+    "recognition": "what the object is: its shape, or 'digit'",
+    "location": "where the object is, in a 3x3 grid",
+    "judge": "yes/no: does the picture show a named colour or shape",
+    "commonsense": "how many corners the shape has (world knowledge; the shape is not named)",
+    "count": "how many objects there are",
+    "action": "what was done to the picture (its rendering style)",
+    "color": "the object's colour",
+    "type": "the shape's fill pattern",
+    "subcategory": "which digit (the finer category of recognition's 'digit')",
+    "causal": "why the object is hard to see: far (small), blur or noise",
+}
+
+
 _SPECS = {s.name: s for s in [
     _QType("recognition", tuple(SHAPES) + ("digit",), SceneMix(p_digit=1 / 11, p_group=0.0),
            ("what is this?", "what is in the picture?", "what object is shown?", "what is the object in the picture?")),
@@ -115,7 +129,7 @@ _SPECS = {s.name: s for s in [
     _QType("type", tuple(TEXTURES), SceneMix(p_digit=0.0, p_group=0.0, styles=(1, 0, 0, 0, 0)),
            ("what pattern is on the {obj}?", "what kind of fill does the {obj} have?",
             "what type of texture does the {obj} have?", "how is the {obj} filled?")),
-    _QType("subcategory", tuple(DIGITS), SceneMix(p_digit=1.0, p_group=0.0),
+    _QType("subcategory", tuple(DIGITS), SceneMix(p_digit=1.0, p_group=0.0, sizes=(0.0, 1.0), styles=_COLOR_SAFE),
            ("which digit is this?", "what number is written here?", "what number is shown?",
             "which digit is in the picture?")),
     _QType("causal", tuple(CAUSES), SceneMix(p_digit=0.0, p_group=0.0, textures=(1, 0, 0, 0),
@@ -126,7 +140,7 @@ _SPECS = {s.name: s for s in [
 _JUDGE_COLOR = ("is there a {c} object?", "is there anything {c} in the picture?", "is the {obj} {c}?")
 _JUDGE_COLOR_GROUP = ("is there a {c} object?", "is there anything {c} in the picture?", "are the {objs} {c}?")
 _JUDGE_SHAPE = ("is there a {s}?", "is there a {s} in the picture?", "does the picture show a {s}?")
-assert list(_SPECS) == QUESTION_TYPES
+assert list(_SPECS) == QUESTION_TYPES == list(DEFINITIONS)
 
 
 def _spec(qtype: str) -> _QType:
@@ -331,13 +345,19 @@ class QAImages(Dataset):
         return self.images[i].float() / 255.0, i
 
 
+def qa_examples(qtype: str, n: int, rng: np.random.Generator, *, glyph_split: str = "pretrain"):
+    """``n`` examples of ``qtype``: ``(images uint8 [n, 3, 32, 32], questions, answers)``, rendered with the
+    type's scene mix. ``glyph_split`` "pretrain" for pretraining; the tasks use "train" and "test"."""
+    mix = _spec(qtype).mix
+    sc = sample_for(qtype, n, rng)
+    images = render(sc, rng, glyph_split=glyph_split, rotation=mix.rotation, style_strength=mix.style_strength)
+    questions, answers = make_questions(sc, qtype, rng)
+    return images, questions, answers
+
+
 def _generate(qtype: str, seed: int, split: int, n: int):
     rng = np.random.default_rng([seed, QUESTION_TYPES.index(qtype), split, 0x7A5])
-    mix = _SPECS[qtype].mix
-    sc = sample_for(qtype, n, rng)
-    images = render(sc, rng, glyph_split=("train", "test")[split], rotation=mix.rotation,
-                    style_strength=mix.style_strength)
-    questions, answers = make_questions(sc, qtype, rng)
+    images, questions, answers = qa_examples(qtype, n, rng, glyph_split=("train", "test")[split])
     return torch.from_numpy(images), questions, answers
 
 
@@ -359,8 +379,8 @@ def load_question_type(qtype: str, *, seed: int = 0, n_train: int = 300, n_test:
                for part, (_, qs, ans) in zip(("train", "test"), splits)]
     return QAData(name=f"synthetic_vqa/{key}", train=QAImages(splits[0][0]), test=QAImages(splits[1][0]),
                   train_records=records[0], test_records=records[1],
-                  meta={"source": "synthetic_vqa", "question_type": key, "seed": int(seed),
-                        "answer_space": list(s.answers), "chance": chance_level(key),
+                  meta={"source": "synthetic_vqa", "question_type": key, "definition": DEFINITIONS[key],
+                        "seed": int(seed), "answer_space": list(s.answers), "chance": chance_level(key),
                         "pretrained": key in PRETRAIN_TYPES, "generator_version": VQA_GENERATOR_VERSION,
                         "image_size": 32})
 

@@ -135,18 +135,24 @@ def _target(r: dict, answers: tuple[str, ...]) -> str:
 def _check_images(path: Path, indices, records: list[dict], root: Path) -> list[Path]:
     from PIL import Image
 
-    found, problems = [], []
-    for i in indices:
-        p, looked = image_path(root, records[i]["img_id"])
+    def problem(p: Path, looked: list[Path], img_id: str) -> str | None:
         if not p.is_file():
-            problems.append((i, f"image {records[i]['img_id']!r} not found (looked for "
-                                f"{' and '.join(str(c) for c in looked)})"))
-            continue
+            return f"image {img_id!r} not found (looked for {' and '.join(str(c) for c in looked)})"
         try:
             with Image.open(p) as im:
                 im.verify()
         except Exception as e:  # PIL raises many kinds for broken files
-            problems.append((i, f"image {p} cannot be read ({type(e).__name__}: {e})"))
+            return f"image {p} cannot be read ({type(e).__name__}: {e})"
+        return None
+
+    found, problems, seen = [], [], {}
+    for i in indices:
+        img_id = records[i]["img_id"]
+        p, looked = image_path(root, img_id)
+        if p not in seen:  # VQA v2 asks several questions about each image: check it once
+            seen[p] = problem(p, looked, img_id)
+        if seen[p]:
+            problems.append((i, seen[p]))
         found.append(p)
     if problems:
         raise _fail(path, problems)

@@ -269,3 +269,77 @@ def test_a_saved_llava_directory_loads_and_runs(tmp_path):
     assert custom.batch(x, qs).input_ids.shape[1] < b.input_ids.shape[1]
     with pytest.raises(UserError, match="prompt_template"):
         VisionLanguageModel.from_config(str(tmp_path / "llava"), prompt_template="{question}")
+
+
+# ----------------------------------------------------------------------------- pretraining
+def test_pretraining_batches_mix_captions_and_seen_question_types_only():
+    from lifelong_moe.pretrain_vlm import VlmPretrainConfig, cache_key, make_batch_source
+    from lifelong_moe.streams.vqa_synthetic import answer_space
+
+    cfg = VlmPretrainConfig(batch_size=20, caption_share=0.25, question_types=("color", "count"))
+    images_, qs, ans = make_batch_source(cfg, "describe the picture", np.random.default_rng(0))()
+    assert images_.shape == (20, 3, 32, 32) and images_.dtype == np.uint8 and len(qs) == len(ans) == 20
+    assert qs[:5] == ["describe the picture"] * 5 and all(a.startswith(("a ", "an ", "there", "two", "three", "four",
+                                                                           "one", "some")) or a.endswith(".")
+                                                          for a in ans[:5])
+    allowed = set(answer_space("color")) | set(answer_space("count"))
+    assert all(a in allowed for a in ans[5:]) and "describe the picture" not in qs[5:]
+    again = make_batch_source(cfg, "describe the picture", np.random.default_rng(0))()
+    assert np.array_equal(again[0], images_) and again[1:] == (qs, ans)
+    key = cache_key(cfg, "clip-abc.safetensors")
+    assert key == cache_key(VlmPretrainConfig(batch_size=20, question_types=["color", "count"], threads=1, eval_test=3),
+                            "clip-abc.safetensors")
+    assert len({key, cache_key(VlmPretrainConfig(batch_size=20, question_types=("color",)), "clip-abc.safetensors"),
+                cache_key(cfg, "clip-xyz.safetensors")}) == 3
+
+
+def test_pretrain_options_are_validated():
+    from lifelong_moe.pretrain_vlm import resolve_synthetic_vlm
+
+    with pytest.raises(UserError, match="unknown key 'step'.*did you mean 'steps'"):
+        resolve_synthetic_vlm("lmoe-tiny-llava", {"step": 3})
+    with pytest.raises(UserError, match="unknown type 'colour'"):
+        resolve_synthetic_vlm("lmoe-tiny-llava", {"question_types": ["colour"]})
+
+
+@pytest.mark.slow
+def test_pretrain_vlm_learns_caches_and_loads_like_a_user_directory(capsys):
+    import json
+    import math
+
+    from safetensors.torch import load_file
+
+    from lifelong_moe.cli import main
+    from lifelong_moe.pretrain_vlm import info_path
+    from lifelong_moe.streams.vqa_synthetic import QUESTION_TYPES
+
+    small = {"steps": 30, "batch_size": 16, "warmup_steps": 5, "eval_test": 10}
+    args = [f"{k}={v}" for k, v in small.items()]
+    assert main(["pretrain", "vlm", *args]) == 0
+    out = capsys.readouterr().out
+    path = next(line.split()[1] for line in out.splitlines() if line.startswith("checkpoint:"))
+    info = json.loads(info_path(path).read_text())
+    assert set(info["zero_shot"]) == set(QUESTION_TYPES)
+    assert info["final_loss"] < math.log(144) - 1.0  # learnt: well below a uniform guess over the vocabulary
+    weights = load_file(f"{path}/model.safetensors")
+    # cached: a second call finds the directory and trains nothing
+    assert main(["pretrain", "vlm", *args, "-q"]) == 0
+    assert capsys.readouterr().out.strip() == path
+    # the config's name resolves to it, loaded through from_pretrained(<dir>) as a user's directory
+    vlm = VisionLanguageModel.from_config("lmoe-tiny-llava", "synthetic", pretrain=small, progress=False)
+    by_dir = VisionLanguageModel.from_config(path)
+    for a, b in zip(vlm.state_dict().values(), by_dir.state_dict().values()):
+        assert torch.equal(a, b)
+    assert all(not p.requires_grad for p in vlm.parameters())
+    assert vlm.prompt_template == "<image> question: {question} answer:"
+    # the vision tower is the tiny CLIP's, unchanged by pretraining (LLaVA: a frozen CLIP under the LLM)
+    from lifelong_moe.clip import create_clip, resolve_synthetic
+    from lifelong_moe.vlm_tiny import convert_open_clip_visual
+
+    clip, *_ = create_clip("lmoe-tiny-vit", resolve_synthetic("lmoe-tiny-vit", progress=False), progress=False)
+    tower = vlm.model.model.vision_tower.state_dict()
+    assert all(torch.equal(tower[k], v) for k, v in convert_open_clip_visual(clip.visual).items())
+    # deterministic by seed: retraining (--force) writes the same weights
+    assert main(["pretrain", "vlm", *args, "--force", "-q"]) == 0
+    again = load_file(f"{path}/model.safetensors")
+    assert weights.keys() == again.keys() and all(torch.equal(weights[k], again[k]) for k in weights)
