@@ -34,7 +34,7 @@ from __future__ import annotations
 from typing import Literal, Optional
 
 import torch
-from pydantic import Field
+from pydantic import Field, field_validator
 from torch.utils.data import DataLoader
 
 from lifelong_moe.config import Strict
@@ -75,6 +75,11 @@ class ClMoEParams(StrategyParams):
     prototype_rule: Literal["nearest", "normalized"] = "nearest"
     merge: Literal["paper", "reference_uniform", "off"] = "paper"
     lambdas: Lambdas = Lambdas()
+
+    @field_validator("task_router", "merge", mode="before")
+    @classmethod
+    def _yaml_off(cls, v):
+        return "off" if v is False else v  # YAML reads a bare `off` as false
 
 
 class Params(ClMoEParams):

@@ -134,3 +134,23 @@ def test_bench_cl_moe_smoke():
     assert r["rows_without_eos"] == {"cl_moe": 4, "lora": 4}  # same number of decoding steps
     assert r["task_inference_fallback_rate"] == 0.0  # the bench's task router really mixed
     assert all(v > 0 for v in (r["train_ratio_vs_lora"], r["generation_ratio_vs_lora"]))
+
+
+def test_yaml_switches_accept_a_bare_off(tmp_path):
+    from lifelong_moe.config import load_config
+
+    from conftest import write
+
+    [cfg] = load_config(write(tmp_path / "c.yaml", """
+stream: {kind: vqa, dataset: synthetic_vqa, question_types: [color]}
+backbone: {family: vlm, name: lmoe-tiny-llava}
+strategy: {name: cl_moe, merge: off, task_router: off, lambdas: {previous: 0.5}}
+"""))
+    p = cfg.strategy_params()
+    assert (p.merge, p.task_router, p.lambdas.previous, p.lambdas.new) == ("off", "off", 0.5, 0.7)
+    with pytest.raises(Exception, match="merge"):
+        load_config(write(tmp_path / "d.yaml", """
+stream: {kind: vqa, dataset: synthetic_vqa, question_types: [color]}
+backbone: {family: vlm, name: lmoe-tiny-llava}
+strategy: {name: cl_moe, merge: uniform}
+"""))
