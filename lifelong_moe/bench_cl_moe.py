@@ -77,13 +77,13 @@ def cl_moe_cost(batch: int = 32, infer_batch: int = 64, max_new_tokens: int = 4,
 
     def generate(s, task_router=True):
         def run():
-            beta = clmoe.params.beta
+            beta = clmoe.moe.state.beta
             if not task_router:
-                clmoe.params.beta = 1.0  # mixes_tasks() is False: the instance router alone
+                clmoe.moe.state.beta = 1.0  # mixes_tasks() is False: the instance router alone
             try:
                 s.answer(xi, questions, task)
             finally:
-                clmoe.params.beta = beta
+                clmoe.moe.state.beta = beta
         return run
 
     # random adapters emit no EOS, so both generate exactly max_new_tokens (checked): trained ones

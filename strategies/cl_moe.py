@@ -91,8 +91,9 @@ ROLE_CODE = {r: i for i, r in enumerate(ROLES)}
 
 class ClMoEMethod:
     """CL-MoE's task-boundary algorithm, shared by the VLM and CLIP strategies. Families implement
-    ``inject(model)``, ``feature_dim(model)``, ``statistics_batches(dataset)`` (a context in which a
-    forward pass over a batch records usage and hands its frozen features to ``self._collect``)."""
+    ``inject(model) -> LoRAMoE``, ``statistics_pass(dataset)`` (one no-grad pass over the task's
+    training data with ``moe.state.record`` on, appending each batch's frozen features to
+    ``self._feats`` when prototypes are kept) and ``layer_key(name)`` (short layer names for records)."""
 
     moe = None
     prototypes: TaskPrototypes | None = None
@@ -179,7 +180,7 @@ class ClMoEMethod:
         self.moe.state.task_ids = ids.to(feats.device)
 
     def mixes_tasks(self) -> bool:
-        return self.prototypes is not None and len(self.prototypes) > 0 and self.params.beta < 1
+        return self.prototypes is not None and len(self.prototypes) > 0 and self.moe.state.beta < 1
 
     # ---------------------------------------------------------------- results
     def layer_key(self, name: str) -> str:

@@ -70,7 +70,7 @@ def test_prototypes_pick_the_domain_and_mixing_is_per_sample(domains):
     both = s.eval_logits(torch.cat([xa, xb]), task, [0, 1])
     alone = torch.cat([s.eval_logits(xa, task, [0, 1]), s.eval_logits(xb, task, [0, 1])])
     assert torch.allclose(both, alone, atol=1e-5)
-    s.params.beta, s.moe.state.beta = 1.0, 1.0  # task router irrelevant: no mixing
+    s.moe.state.beta = 1.0  # task router irrelevant: no mixing
     plain = s.eval_logits(xb, task, [0, 1])
     s.moe.state.beta = 0.5
     assert not torch.allclose(plain, alone[4:], atol=1e-6)  # with beta 0.5 the task gate mattered

@@ -239,3 +239,16 @@ def test_prototype_normalized_rule_and_state_roundtrip():
     q = TaskPrototypes(1, rule="normalized")
     q.load_state_dict(p.state_dict())
     assert torch.equal(q.centres, p.centres) and torch.equal(q.radii, p.radii)
+
+
+def test_remove_restores_plain_linears():
+    model, handle, before = _tiny()
+    _randomise_b(handle)
+    x = torch.randn(2, 3, 6)
+    handle.state.active = False
+    frozen = model(x)
+    handle.state.active = True
+    assert not torch.equal(model(x), frozen)
+    handle.remove()
+    assert all(type(m) is nn.Linear for m in model.modules() if isinstance(m, nn.Linear))
+    assert set(model.state_dict()) == set(before) and torch.equal(model(x), frozen)
