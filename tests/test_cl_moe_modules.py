@@ -252,3 +252,18 @@ def test_remove_restores_plain_linears():
     handle.remove()
     assert all(type(m) is nn.Linear for m in model.modules() if isinstance(m, nn.Linear))
     assert set(model.state_dict()) == set(before) and torch.equal(model(x), frozen)
+
+
+def test_bfloat16_backbone_gets_bfloat16_experts_and_mixes():
+    model = Tiny().to(torch.bfloat16).requires_grad_(False)
+    handle = inject_lora_experts(model, ["q_proj", "up_proj"], num_experts=4, r=8, alpha=16)
+    lin = handle.layers["layers.0.q_proj"]
+    assert lin.experts.A.dtype == lin.router.weight.dtype == torch.bfloat16
+    x = torch.randn(2, 3, 6, dtype=torch.bfloat16)
+    assert torch.equal(lin(x), torch.nn.functional.linear(x, lin.weight, lin.bias))
+    _randomise_b(handle)
+    for m in handle.layers.values():
+        m.add_task_gate(torch.tensor([1.0, 0, 0, 0]))
+    handle.state.task_ids = torch.tensor([0, -1])
+    out = model(x)
+    assert out.dtype == torch.bfloat16 and torch.isfinite(out.float()).all()
