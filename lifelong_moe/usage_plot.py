@@ -103,14 +103,17 @@ def expert_usage_figure(runs: list[tuple[str, dict]], path: str | Path, group_by
     cell = 0.32 if E > 8 else 0.45
     fig = Figure(figsize=(ncols * (cell * E + 0.6) + 2.6, nrows * (cell * T + 1.4) + 0.6), layout="constrained")
     axes = fig.subplots(nrows, ncols, squeeze=False)
-    cmap = colormaps["magma"].with_extremes(bad="0.93")
+    cmap = colormaps["viridis"].with_extremes(bad="0.93")
+    # colour range from 0 to the largest share drawn: near-uniform routing still shows its structure
+    vmax = max(float(np.nanmax(a)) if not np.isnan(a).all() else 0.0 for _, (_, g) in tables for a in g.values())
+    vmax = max(vmax, 1e-6)
     im = None
     for r, (label, (tasks, groups)) in enumerate(tables):
         names = [t.split("/", 1)[-1] for t in tasks]
         for c, g in enumerate(sorted(groups, key=_natural)):
             ax = axes[r, c]
             a = groups[g]
-            im = ax.imshow(np.ma.masked_invalid(a), cmap=cmap, vmin=0, vmax=1, aspect="auto")
+            im = ax.imshow(np.ma.masked_invalid(a), cmap=cmap, vmin=0, vmax=vmax, aspect="auto")
             ax.set_title(f"{label}: {g}" if c == 0 else g, fontsize=8)
             ax.set_xticks(range(a.shape[1]), [str(i) if a.shape[1] <= 12 or i % 2 == 0 else "" for i in range(a.shape[1])],
                           fontsize=6)
