@@ -2,7 +2,8 @@
 
 LLaVA's recipe (Liu et al., NeurIPS 2023, Sec. 4.1) on the synthetic world: the vision tower is
 the pretrained tiny CLIP's (converted, frozen); the projector and the LLM learn from scratch, by
-teacher-forced next-token cross-entropy on the answer (:meth:`VisionLanguageModel.answer_loss`),
+teacher-forced next-token cross-entropy on the answer (:meth:`VisionLanguageModel.answer_logprobs`,
+averaged per example),
 on a mix of
 
 - captions (:func:`streams.synthetic.caption_batch`): "<image> question: describe the picture
@@ -61,9 +62,9 @@ class VlmPretrainConfig:
     min_lr_ratio: float = 0.05      # cosine decays to lr * min_lr_ratio
     warmup_steps: int = 30
     weight_decay: float = 0.01
-    caption_share: float = 0.25     # share of each batch that is image-caption pairs
+    caption_share: float = 0.2      # share of each batch that is image-caption pairs
     question_types: tuple[str, ...] = field(default_factory=_default_types)  # the rest stay unseen
-    threads: int = 2
+    threads: int = 1                # torch threads: 2 ran 20x slower per step on a shared 2-core machine (OpenMP stalls)
     # evaluation only (not part of the cache key)
     eval_test: int = 100            # test questions per type
     eval_seed: int = 0
@@ -189,7 +190,9 @@ def train_vlm(vlm, cfg: VlmPretrainConfig, caption_question: str, progress: bool
     losses = []
     vlm.model.train()
     for step, (images, qs, ans) in enumerate(prefetched(make_batch_source(cfg, caption_question, rng), cfg.steps)):
-        loss = vlm.answer_loss(vlm.batch(_normalize(vlm, images), qs, ans))
+        batch = vlm.batch(_normalize(vlm, images), qs, ans)
+        # each example weighs the same: a ten-word caption would otherwise outweigh five one-word answers
+        loss = -(vlm.answer_logprobs(batch) / batch.answer_mask.sum(1)).mean()
         for g in opt.param_groups:
             g["lr"] = cfg.lr * _warmup_cosine(step, cfg.steps, cfg.warmup_steps, cfg.min_lr_ratio)
         opt.zero_grad(set_to_none=True)
@@ -242,7 +245,7 @@ def pretrain_vlm(cfg: VlmPretrainConfig = None, *, cache_dir=None, force: bool =
     from filelock import FileLock
 
     from .clip import resolve_synthetic
-    from .vlm import VisionLanguageModel
+    from .vlm import VisionLanguageModel, _quiet_transformers
     from .vlm_tiny import build_tiny_llava, tiny_spec
 
     cfg = cfg or VlmPretrainConfig()
@@ -274,8 +277,9 @@ def pretrain_vlm(cfg: VlmPretrainConfig = None, *, cache_dir=None, force: bool =
                                   "pretrained": t in cfg.question_types} for t, a in acc.items()}}
         tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
         try:
-            vlm.model.save_pretrained(tmp)
-            vlm.processor.save_pretrained(tmp)
+            with _quiet_transformers():
+                vlm.model.save_pretrained(tmp)
+                vlm.processor.save_pretrained(tmp)
             # the record first, the directory last: an existing checkpoint always has its record
             write_text(info_path(path), json.dumps(info, indent=2) + "\n")
             if path.exists():  # force: move the old one aside, then swap

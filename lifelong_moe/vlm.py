@@ -205,7 +205,12 @@ class VisionLanguageModel(nn.Module):
 
     @property
     def language_model(self) -> nn.Module:
-        return self.model.model.language_model
+        """The LLM (a ``LlamaModel`` for LLaVA-1.5), found by name so that a peft-wrapped
+        :attr:`model` still has it."""
+        lm = getattr(getattr(self.model, "model", None), "language_model", None)
+        if lm is None:
+            lm = next(m for n, m in self.model.named_modules() if n.endswith("language_model") and hasattr(m, "layers"))
+        return lm
 
     @property
     def decoder_layers(self) -> nn.ModuleList:

@@ -3,7 +3,9 @@
 LLaVA's recipe (Liu et al., "Visual Instruction Tuning", NeurIPS 2023, Sec. 4.1): a CLIP vision
 tower under an LLM, joined by a projector. Here the vision tower is the embedded tiny CLIP's image
 tower (``lmoe-tiny-vit``, open_clip) converted to transformers' ``CLIPVisionModel``
-(:func:`convert_open_clip_visual`), the projector LLaVA-1.5's two-layer MLP, the LLM a tiny Llama
+(:func:`convert_open_clip_visual`) read at its penultimate layer as LLaVA does (``vision_feature_layer
+-2``; CLS kept: 17 image tokens; measured: location 93% / colour 84% zero-shot after pretraining vs
+57% / 44% from the last layer), the projector LLaVA-1.5's two-layer MLP, the LLM a tiny Llama
 decoder, the tokenizer word-level over the synthetic world (:mod:`.vlm_tokenizer`). The result is a
 plain ``LlavaForConditionalGeneration`` + ``LlavaProcessor``: ``save_pretrained`` writes a directory
 any transformers user can load.

@@ -111,6 +111,9 @@ def test_tiny_vlm_is_frozen_and_exposes_its_structure(tiny):
         wrapped = peft.get_peft_model(_copy(target), cfg)
         names = {n for n, m in wrapped.named_modules() if hasattr(m, "lora_A") and isinstance(m.lora_A, torch.nn.ModuleDict)}
         assert len(names) == 28 and all(n.endswith(tuple(per_layer)) and "language_model" in n for n in names)
+    wrapped = VisionLanguageModel(peft.get_peft_model(_copy(tiny.model), cfg), tiny.processor)
+    assert len(wrapped.decoder_layers) == 4  # still found under peft, and the wrapped linears with it
+    assert sum(n.endswith(".base_layer") for n in wrapped.linear_modules()) == 28
     cfg = peft.LoraConfig(r=2, target_modules=tiny.lora_target_regex(["q_proj", "v_proj"]))
     assert sum(hasattr(m, "lora_A") for m in peft.get_peft_model(_copy(tiny.model), cfg).modules()
                if isinstance(getattr(m, "lora_A", None), torch.nn.ModuleDict)) == 8
@@ -287,7 +290,8 @@ def test_pretraining_batches_mix_captions_and_seen_question_types_only():
     again = make_batch_source(cfg, "describe the picture", np.random.default_rng(0))()
     assert np.array_equal(again[0], images_) and again[1:] == (qs, ans)
     key = cache_key(cfg, "clip-abc.safetensors")
-    assert key == cache_key(VlmPretrainConfig(batch_size=20, question_types=["color", "count"], threads=1, eval_test=3),
+    assert key == cache_key(VlmPretrainConfig(batch_size=20, caption_share=0.25, question_types=["color", "count"],
+                                              threads=2, eval_test=3),
                             "clip-abc.safetensors")
     assert len({key, cache_key(VlmPretrainConfig(batch_size=20, question_types=("color",)), "clip-abc.safetensors"),
                 cache_key(cfg, "clip-xyz.safetensors")}) == 3
