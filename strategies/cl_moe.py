@@ -324,7 +324,8 @@ class Strategy(ClMoEMethod, VlmStrategy):
         self.setup_cl_moe(model, 2 * model.language_model.config.hidden_size)
         self._probe = FirstLayerProbe(self._on_features, model.image_token_id)
         model.decoder_layers[0].register_forward_pre_hook(self._probe, with_kwargs=True)
-        model.model.model.register_forward_pre_hook(self._probe.read_inputs, with_kwargs=True)
+        llava = next(m for m in model.model.modules() if getattr(m, "language_model", None) is model.language_model)
+        llava.register_forward_pre_hook(self._probe.read_inputs, with_kwargs=True)  # sees input_ids
 
     def inject(self, model):
         p = self.params
