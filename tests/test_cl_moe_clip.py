@@ -89,3 +89,15 @@ def test_cl_moe_runs_on_class_incremental_digits_and_resumes_its_state():
     x = torch.stack([stream.test_stream[1].dataset[i][0] for i in range(5)])
     task = stream.tasks[1]
     assert torch.equal(fresh.eval_logits(x, task, [0, 1, 2]), s.eval_logits(x, task, [0, 1, 2]))
+
+
+def test_shipped_config_is_the_quickstart_with_the_four_variants():
+    from lifelong_moe.config import load_config
+
+    from conftest import CONFIGS
+
+    [base] = load_config(CONFIGS / "quickstart.yaml", only=["lora"])
+    cfgs = load_config(CONFIGS / "cl_moe_quickstart.yaml")
+    switches = [(c.strategy_params().task_router, c.strategy_params().merge) for c in cfgs]
+    assert switches == [("paper", "paper"), ("paper", "off"), ("off", "paper"), ("reference", "reference_uniform")]
+    assert all(c.stream == base.stream and c.training == base.training and c.backbone == base.backbone for c in cfgs)
