@@ -139,7 +139,10 @@ def cmd_pretrain(a) -> int:
 
 
 def cmd_bench(a) -> int:
-    from .bench import main as bench_main
+    if a.what == "cl_moe":
+        from .bench_cl_moe import main as bench_main
+    else:
+        from .bench import main as bench_main
 
     return bench_main(a.args)
 
@@ -197,9 +200,9 @@ def parser() -> argparse.ArgumentParser:
     pt.add_argument("--cache-dir", help="cache root (default $LIFELONG_MOE_CACHE or ~/.cache/lifelong_moe)")
     pt.add_argument("-q", "--quiet", action="store_true")
     pt.set_defaults(fn=cmd_pretrain)
-    b = sub.add_parser("bench", help="cost benchmarks (MoE-Adapters vs dense adapter and plain CLIP)",
+    b = sub.add_parser("bench", help="cost benchmarks (moe: MoE-Adapters vs dense adapter and plain CLIP; cl_moe: CL-MoE vs one dense LoRA on the tiny VLM)",
                        add_help=False)
-    b.add_argument("what", choices=["moe"])
+    b.add_argument("what", choices=["moe", "cl_moe"])
     b.add_argument("args", nargs=argparse.REMAINDER, help="options of python -m lifelong_moe.bench (--help)")
     b.set_defaults(fn=cmd_bench)
     sub.add_parser("list", help="known streams, datasets, backbones, strategies, metrics").set_defaults(fn=cmd_list)

@@ -16,6 +16,7 @@ STRATEGIES: dict[str, dict[str, str]] = {
     "ewc": {"clip": "ewc"},
     "replay": {"clip": "replay", "vlm": "vlm_replay"},
     "moe_adapters": {"clip": "moe_adapters"},
+    "cl_moe": {"vlm": "cl_moe", "clip": "cl_moe_clip"},
 }
 
 STREAM_KINDS = ["class_incremental", "multi_domain", "vqa"]

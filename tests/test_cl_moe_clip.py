@@ -1,0 +1,103 @@
+"""CL-MoE on the tiny CLIP (the toy MTIL side): the same modules on CLIP's MLP linears."""
+import numpy as np
+import pytest
+import torch
+
+from lifelong_moe.runner import build
+
+from helpers import tiny_config
+
+SMALL = {"name": "cl_moe", "num_experts": 4, "r": 8, "alpha": 16}
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+@pytest.fixture(scope="module")
+def domains(tmp_path_factory):
+    """Two visually distinct domains (dark blobs vs bright noise), two classes each, as .npz files."""
+    root = tmp_path_factory.mktemp("domains")
+    rng = np.random.default_rng(0)
+    paths = []
+    for name in ("blobs", "noise"):
+        def images(n):
+            if name == "blobs":
+                return rng.uniform(0, 0.3, (n, 3, 4, 4)).repeat(8, 2).repeat(8, 3).astype(np.float32)
+            return rng.uniform(0.6, 1.0, (n, 3, 32, 32)).astype(np.float32)
+        p = root / f"{name}.npz"
+        np.savez(p, x_train=images(32), y_train=np.repeat([0, 1], 16), x_test=images(16), y_test=np.repeat([0, 1], 8),
+                 class_names=np.array([f"{name} a", f"{name} b"], dtype=str))
+        paths.append(p)
+    return paths
+
+
+def domain_run(paths, strategy):
+    cfg = tiny_config(strategy, stream__kind="multi_domain", stream__num_experiences=None, stream__dataset=None,
+                      stream__samples_per_class={}, training__iterations=4, training__optimizer={"lr": 1e-2},
+                      stream__domains=[{"dataset": "tensors", "path": str(p), "name": p.stem} for p in paths])
+    return build(cfg, progress=False)
+
+
+def test_zero_init_experts_give_the_frozen_clip_and_backbone_stays(domains):
+    stream, s, ev = domain_run(domains, SMALL)
+    task = stream.tasks[0]
+    x = torch.stack([stream.test_stream[0].dataset[i][0] for i in range(6)])
+    clip = s.model.clip
+    before = {n: p.detach().clone() for n, p in clip.named_parameters() if ".experts." not in n and ".router." not in n}
+    logits = s.eval_logits(x, task, [0, 1])
+    with s._bypass():
+        assert torch.equal(s.eval_logits(x, task, [0, 1]), logits)  # B = 0: experts add exactly nothing
+    names = sorted(s.layer_key(n) for n in s.moe.layers)
+    assert len(names) == 2 * 4 * 2 and names[0] == "image.0.c_fc"  # 2 towers x 4 blocks x (c_fc, c_proj)
+    for exp in stream.train_stream:
+        s.train(exp, eval_streams=[])
+    params = dict(clip.named_parameters())
+    assert all(torch.equal(params[n], v) for n, v in before.items())
+    assert not torch.equal(s.eval_logits(x, task, [0, 1]), logits)  # the experts learned something
+
+
+def test_prototypes_pick_the_domain_and_mixing_is_per_sample(domains):
+    stream, s, ev = domain_run(domains, SMALL)
+    for i, exp in enumerate(stream.train_stream):
+        s.train(exp, eval_streams=[])
+        ev.row(s, i)
+    rec = s.extra_results()["cl_moe"]
+    names = [t.name for t in stream.tasks]
+    assert rec["task_inference"]["1"][names[0]]["accuracy"] == 1.0
+    assert rec["task_inference"]["1"][names[1]]["accuracy"] == 1.0
+    assert rec["merge"][names[1]]["merged_tensors"] == 16 * 4 * 2
+    xa = torch.stack([stream.test_stream[0].dataset[i][0] for i in range(4)])
+    xb = torch.stack([stream.test_stream[1].dataset[i][0] for i in range(4)])
+    task = stream.tasks[0]
+    both = s.eval_logits(torch.cat([xa, xb]), task, [0, 1])
+    alone = torch.cat([s.eval_logits(xa, task, [0, 1]), s.eval_logits(xb, task, [0, 1])])
+    assert torch.allclose(both, alone, atol=1e-5)
+    s.moe.state.beta = 1.0  # task router irrelevant: no mixing
+    plain = s.eval_logits(xb, task, [0, 1])
+    s.moe.state.beta = 0.5
+    assert not torch.allclose(plain, alone[4:], atol=1e-6)  # with beta 0.5 the task gate mattered
+
+
+def test_cl_moe_runs_on_class_incremental_digits_and_resumes_its_state():
+    cfg = tiny_config(SMALL, training__iterations=3)
+    stream, s, ev = build(cfg, progress=False)
+    for i, exp in enumerate(stream.train_stream):
+        s.train(exp, eval_streams=[])
+        ev.row(s, i)
+    state = s.state_dict()
+    _, fresh, _ = build(cfg, progress=False)
+    fresh.load_state_dict(state)
+    assert fresh.extra_results()["cl_moe"] == s.extra_results()["cl_moe"]
+    x = torch.stack([stream.test_stream[1].dataset[i][0] for i in range(5)])
+    task = stream.tasks[1]
+    assert torch.equal(fresh.eval_logits(x, task, [0, 1, 2]), s.eval_logits(x, task, [0, 1, 2]))
+
+
+def test_shipped_config_is_the_quickstart_with_the_four_variants():
+    from lifelong_moe.config import load_config
+
+    from conftest import CONFIGS
+
+    [base] = load_config(CONFIGS / "quickstart.yaml", only=["lora"])
+    cfgs = load_config(CONFIGS / "cl_moe_quickstart.yaml")
+    switches = [(c.strategy_params().task_router, c.strategy_params().merge) for c in cfgs]
+    assert switches == [("paper", "paper"), ("paper", "off"), ("off", "paper"), ("reference", "reference_uniform")]
+    assert all(c.stream == base.stream and c.training == base.training and c.backbone == base.backbone for c in cfgs)
