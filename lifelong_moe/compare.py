@@ -332,7 +332,7 @@ def check_same_tasks(runs: list[RunResult]) -> None:
 
 def compare_runs(run_dirs, out_dir, *, labels=None) -> dict[str, Path]:
     """Write forgetting_curves.png, average_accuracy.png, heatmaps.png, metrics.md and metrics.csv
-    into ``out_dir`` (created) for the runs in ``run_dirs``; return ``{file name: path}``."""
+    (and expert_usage.png when a run routes over experts) into ``out_dir`` (created) for the runs in ``run_dirs``; return ``{file name: path}``."""
     runs = load_runs(run_dirs, labels)
     if not runs:
         raise ValueError("compare_runs: no run directories given")
@@ -349,6 +349,12 @@ def compare_runs(run_dirs, out_dir, *, labels=None) -> dict[str, Path]:
         "average_accuracy.png": _average_accuracy(runs, tasks, colors, out / "average_accuracy.png"),
         "heatmaps.png": _heatmaps(runs, tasks, out / "heatmaps.png"),
     }
+    from .usage_plot import expert_usage_figure
+
+    usage = expert_usage_figure([(r.label, json.loads((r.path / "results.json").read_text(encoding="utf-8")))
+                                 for r in runs], out / "expert_usage.png")
+    if usage is not None:  # only runs that route (CL-MoE, MoE-Adapters) have expert usage
+        paths["expert_usage.png"] = usage
     for name, text in (("metrics.md", _metrics_markdown(runs)), ("metrics.csv", _metrics_csv(runs))):
         write_text(out / name, text)
         paths[name] = out / name
