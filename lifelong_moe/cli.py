@@ -117,7 +117,7 @@ def cmd_pretrain(a) -> int:
         return cli_pretrain_vlm(a)
     from .clip import resolve_synthetic
     from .config import apply_overrides, read_yaml_tree
-    from .pretrain import PretrainConfig, format_table, info_path, read_info
+    from .pretrain import PretrainConfig, format_table, read_info
 
     overrides = list(a.overrides)
     if a.config and "=" in a.config and not Path(a.config).exists():

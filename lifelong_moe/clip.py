@@ -49,21 +49,9 @@ def resolve_synthetic(name: str, pretrain: dict | None = None, progress: bool = 
                       cache_dir: str | None = None) -> str:
     """Path of the tiny CLIP ``name`` pretrained on the synthetic world; trains it on first use
     (see :mod:`lifelong_moe.pretrain`). ``pretrain`` overrides fields of ``PretrainConfig``."""
-    from dataclasses import fields
+    from .pretrain import PretrainConfig, config_from_overrides, pretrain_clip
 
-    from .pretrain import PretrainConfig, pretrain_clip
-
-    over = dict(pretrain or {})
-    known = {f.name for f in fields(PretrainConfig)} - {"model"}
-    bad = sorted(set(over) - known)
-    if bad:
-        close = difflib.get_close_matches(bad[0], sorted(known), n=1, cutoff=0.5)
-        raise UserError(f"backbone.pretrain: unknown key {bad[0]!r}" + (f" (did you mean {close[0]!r}?)" if close else "")
-                        + f"; known keys: {', '.join(sorted(known))}")
-    try:
-        cfg = PretrainConfig(model=name, **over)
-    except (TypeError, ValueError) as e:
-        raise UserError(f"backbone.pretrain: {e}") from None
+    cfg = config_from_overrides(PretrainConfig, name, pretrain)
     return str(pretrain_clip(cfg, progress=progress, force=force, cache_dir=cache_dir))
 
 

@@ -104,6 +104,27 @@ class PretrainConfig:
         return d
 
 
+def config_from_overrides(cls, name: str, pretrain: dict | None):
+    """``cls(model=name, **pretrain)`` for a pretraining config dataclass (tiny CLIP or tiny VLM); an
+    unknown key (with a close match) or a bad value is one UserError naming ``backbone.pretrain``."""
+    import difflib
+    from dataclasses import fields
+
+    from .errors import UserError
+
+    over = dict(pretrain or {})
+    known = {f.name for f in fields(cls)} - {"model"}
+    bad = sorted(set(over) - known)
+    if bad:
+        close = difflib.get_close_matches(bad[0], sorted(known), n=1, cutoff=0.5)
+        raise UserError(f"backbone.pretrain: unknown key {bad[0]!r}" + (f" (did you mean {close[0]!r}?)" if close else "")
+                        + f"; known keys: {', '.join(sorted(known))}")
+    try:
+        return cls(model=name, **over)
+    except (TypeError, ValueError) as e:
+        raise UserError(f"backbone.pretrain: {e}") from None
+
+
 def cache_root(cache_dir: str | os.PathLike | None = None) -> Path:
     root = cache_dir or os.environ.get("LIFELONG_MOE_CACHE") or "~/.cache/lifelong_moe"
     return Path(root).expanduser()

@@ -21,7 +21,6 @@ config, the training time and the zero-shot exact-match accuracy on each of the 
 """
 from __future__ import annotations
 
-import difflib
 import hashlib
 import json
 import os
@@ -29,14 +28,13 @@ import shutil
 import sys
 import tempfile
 import time
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Sequence
 
 import numpy as np
 import torch
 
-from .errors import UserError
 from .io import write_text
 from .threads import torch_threads
 
@@ -301,17 +299,9 @@ def resolve_synthetic_vlm(name: str, pretrain: dict | None = None, progress: boo
                           cache_dir=None) -> str:
     """Directory of the tiny VLM ``name`` pretrained on the synthetic world (trained on first use);
     ``pretrain`` overrides fields of :class:`VlmPretrainConfig`. Bad keys or values: UserError."""
-    over = dict(pretrain or {})
-    known = {f.name for f in fields(VlmPretrainConfig)} - {"model"}
-    bad = sorted(set(over) - known)
-    if bad:
-        close = difflib.get_close_matches(bad[0], sorted(known), n=1, cutoff=0.5)
-        raise UserError(f"backbone.pretrain: unknown key {bad[0]!r}" + (f" (did you mean {close[0]!r}?)" if close else "")
-                        + f"; known keys: {', '.join(sorted(known))}")
-    try:
-        cfg = VlmPretrainConfig(model=name, **over)
-    except (TypeError, ValueError) as e:
-        raise UserError(f"backbone.pretrain: {e}") from None
+    from .pretrain import config_from_overrides
+
+    cfg = config_from_overrides(VlmPretrainConfig, name, pretrain)
     return str(pretrain_vlm(cfg, progress=progress, force=force, cache_dir=cache_dir))
 
 

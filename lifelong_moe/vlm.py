@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import contextlib
 import difflib
-import os
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Sequence

@@ -18,7 +18,7 @@ import numpy as np
 from torch.utils.data import Dataset, Subset
 
 from ..config import SourceSpec, StreamConfig
-from ..data import ClassificationData, LabelSpace, QAData, QATask, TaskInfo, subset_indices
+from ..data import ClassificationData, LabelSpace, QAData, QATask, TaskInfo
 from .transforms import ImageTransform, prepare, transformed
 
 
