@@ -1,11 +1,10 @@
 """CL-MoE on the tiny CLIP (the toy MTIL side): the same modules on CLIP's MLP linears."""
-import numpy as np
 import pytest
 import torch
 
 from lifelong_moe.runner import build
 
-from helpers import tiny_config
+from helpers import build_on_domains, tiny_config, write_domain_files
 
 SMALL = {"name": "cl_moe", "num_experts": 4, "r": 8, "alpha": 16}
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -13,27 +12,11 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 @pytest.fixture(scope="module")
 def domains(tmp_path_factory):
-    """Two visually distinct domains (dark blobs vs bright noise), two classes each, as .npz files."""
-    root = tmp_path_factory.mktemp("domains")
-    rng = np.random.default_rng(0)
-    paths = []
-    for name in ("blobs", "noise"):
-        def images(n):
-            if name == "blobs":
-                return rng.uniform(0, 0.3, (n, 3, 4, 4)).repeat(8, 2).repeat(8, 3).astype(np.float32)
-            return rng.uniform(0.6, 1.0, (n, 3, 32, 32)).astype(np.float32)
-        p = root / f"{name}.npz"
-        np.savez(p, x_train=images(32), y_train=np.repeat([0, 1], 16), x_test=images(16), y_test=np.repeat([0, 1], 8),
-                 class_names=np.array([f"{name} a", f"{name} b"], dtype=str))
-        paths.append(p)
-    return paths
+    return write_domain_files(tmp_path_factory.mktemp("domains"), n_train=32)
 
 
 def domain_run(paths, strategy):
-    cfg = tiny_config(strategy, stream__kind="multi_domain", stream__num_experiences=None, stream__dataset=None,
-                      stream__samples_per_class={}, training__iterations=4, training__optimizer={"lr": 1e-2},
-                      stream__domains=[{"dataset": "tensors", "path": str(p), "name": p.stem} for p in paths])
-    return build(cfg, progress=False)
+    return build_on_domains(paths, strategy, training__optimizer={"lr": 1e-2})
 
 
 def test_zero_init_experts_give_the_frozen_clip_and_backbone_stays(domains):

@@ -15,7 +15,7 @@ from lifelong_moe.runner import build
 from lifelong_moe.strategies.moe_adapters import freeze_choice, reference_parameter_count
 
 from conftest import CONFIGS
-from helpers import tiny_config
+from helpers import build_on_domains, tiny_config, write_domain_files
 
 SMALL = {"name": "moe_adapters", "num_experts": 6, "bottleneck": 8}
 NO_DDAS = {**SMALL, "ddas": {"enabled": False}}
@@ -33,30 +33,10 @@ def digits(strategy, **over):
 
 @pytest.fixture(scope="module")
 def domain_files(tmp_path_factory):
-    """Two visually distinct domains (smooth dark blobs vs bright colour noise) as .npz files."""
-    root = tmp_path_factory.mktemp("domains")
-    rng = np.random.default_rng(0)
-    paths = []
-    for name in ("blobs", "noise"):
-        def images(n):
-            if name == "blobs":
-                base = rng.uniform(0, 0.3, (n, 3, 4, 4)).repeat(8, 2).repeat(8, 3)
-                return base.astype(np.float32)
-            return rng.uniform(0.6, 1.0, (n, 3, 32, 32)).astype(np.float32)
-        y_tr, y_te = np.repeat([0, 1], 24), np.repeat([0, 1], 8)
-        p = root / f"{name}.npz"
-        np.savez(p, x_train=images(48), y_train=y_tr, x_test=images(16), y_test=y_te,
-                 class_names=np.array([f"{name} a", f"{name} b"], dtype=str))
-        paths.append(p)
-    return paths
+    return write_domain_files(tmp_path_factory.mktemp("domains"), n_train=48)
 
 
-def domains(paths, strategy, **over):
-    over = {"stream__kind": "multi_domain", "stream__num_experiences": None, "stream__dataset": None,
-            "stream__samples_per_class": {},
-            "stream__domains": [{"dataset": "tensors", "path": str(p), "name": p.stem} for p in paths],
-            "training__iterations": 4, **over}
-    return build(tiny_config(strategy, **over), progress=False)
+domains = build_on_domains
 
 
 def sample_images(stream, col, n=8):
