@@ -17,7 +17,7 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from .config import EvaluationConfig
-from .vqa_metrics import exact_match, vqa_accuracy
+from .vqa_metrics import vqa_scores
 
 ANSWER_METRICS = ("exact_match", "vqa_accuracy", "token_accuracy")
 EXAMPLES = 5  # greedy answers kept per test set and row, for a look at what the model says
@@ -60,8 +60,8 @@ class VqaEvaluator:
             tok = strategy.token_accuracy(x, questions, [r.answer for r in recs], task)
             sums["token_accuracy"] += float(tok.sum())
             for p, r in zip(preds, recs):
-                sums["exact_match"] += exact_match(p, r.answer)  # the training target
-                sums["vqa_accuracy"] += vqa_accuracy(p, r.reference_answers)  # the human answers
+                for k, v in vqa_scores(p, r.answer, r.answers).items():  # target; human answers
+                    sums[k] += v
             examples += [{"question": r.question, "answer": r.answer, "predicted": p}
                          for p, r in zip(preds, recs)][: EXAMPLES - len(examples)]
         n = max(1, len(records))
