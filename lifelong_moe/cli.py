@@ -91,10 +91,10 @@ def cmd_run(a) -> int:
 
 
 def cmd_compare(a) -> int:
-    from .compare import compare_runs, format_metrics_table, load_run
+    from .compare import compare_runs, format_summary
 
     paths = compare_runs([Path(d) for d in a.runs], Path(a.output))
-    print(format_metrics_table([load_run(Path(d)) for d in a.runs]))
+    print(format_summary([Path(d) for d in a.runs]))  # per seed group when runs differ only by seed
     print("\n".join(f"wrote {p}" for p in paths.values()))
     return 0
 

@@ -20,8 +20,10 @@ from matplotlib.colors import to_rgba
 from matplotlib.figure import Figure
 from matplotlib.ticker import PercentFormatter
 
+from .aggregate import aggregated, group_runs, paired
 from .errors import UserError
 from .io import atomic_path, write_text
+from .paper_tables import latex_table, markdown_table
 
 SCHEMA_VERSIONS = (1,)
 MARKERS = "osD^vPX*<>"
@@ -45,6 +47,9 @@ class RunResult:
     status: str = "complete"
     metric_kind: str = "accuracy"
     task_classes: list = field(default_factory=list)  # per task: its class names as saved (or None)
+    name: str = ""  # results.json ``name`` ('' when absent); runs of one name may form a seed group
+    seed: int | None = None
+    config: dict | None = None  # the resolved configuration (config.yaml beside results.json), if any
 
     @property
     def num_tasks(self) -> int:
@@ -118,7 +123,25 @@ def load_run(path: str | Path, label: str | None = None) -> RunResult:
                      metrics=metrics, definitions=definitions, status=str(rec.get("status", "")),
                      metric_kind=str(rec.get("metric_kind") or "accuracy"),
                      task_classes=[tuple(map(str, t["class_names"])) if isinstance(t, dict) and
-                                   isinstance(t.get("class_names"), list) else None for t in tasks])
+                                   isinstance(t.get("class_names"), list) else None for t in tasks],
+                     name=str(rec.get("name") or ""), seed=rec["seed"] if isinstance(rec.get("seed"), int) else None,
+                     config=_saved_config(run_dir))
+
+
+def _saved_config(run_dir: Path) -> dict | None:
+    """``config.yaml`` of a run directory (None when absent); a damaged one is a RunFormatError."""
+    import yaml
+
+    cy = run_dir / "config.yaml"
+    if not cy.is_file():
+        return None
+    try:
+        cfg = yaml.safe_load(cy.read_text(encoding="utf-8"))
+    except (yaml.YAMLError, UnicodeDecodeError) as e:
+        raise RunFormatError(f"{cy} is not valid YAML: {' '.join(str(e).split())}") from None
+    if not isinstance(cfg, dict):
+        raise RunFormatError(f"{cy}: expected a mapping of configuration keys")
+    return cfg
 
 
 def _disambiguate(runs: list[RunResult]) -> list[RunResult]:
@@ -217,23 +240,36 @@ def _xticks(ax, tasks: list[str], zero_shot: bool = True) -> None:
                   rotation_mode="anchor", fontsize=8)
 
 
-def _forgetting_curves(runs, tasks, colors, path) -> Path:
+def _legend(g, show_n: bool) -> str:
+    return f"{g.label} (n={g.n})" if show_n else g.label
+
+
+def _line_and_band(ax, x, y, s, color, marker, label, ms, lw) -> None:
+    """The mean ``y`` as a line; ``y +- s`` (one standard deviation over seeds) as a band where defined."""
+    ok = ~np.isnan(y)
+    ax.plot(x[ok], y[ok], color=color, marker=marker, ms=ms, lw=lw, label=label)
+    band = ok & ~np.isnan(s)
+    if band.any():
+        ax.fill_between(x[band], (y - s)[band], (y + s)[band], color=color, alpha=0.2, lw=0)
+
+
+def _forgetting_curves(groups, tasks, colors, show_n: bool = False) -> Figure:
     T = len(tasks)
     ncols = min(MAX_COLS, T)
     nrows = math.ceil(T / ncols)
     fig = Figure(figsize=((3.4 + 0.12 * max(0, T - 6)) * ncols + 0.6, 2.9 * nrows + 1.0), layout="constrained")
     axes = fig.subplots(nrows, ncols, sharex=True, sharey=True, squeeze=False).ravel()
+    stats = [(g.matrix(), g.zero_shot()) for g in groups]
     for j, ax in enumerate(axes):
         if j >= T:
             ax.set_visible(False)
             continue
         ax.axvspan(j + 0.5, j + 1.5, color="0.85", zorder=0, label="task trained")
-        for r, c, m in zip(runs, colors, MARKERS * len(runs)):
-            x, y = np.arange(1, r.rows + 1), r.matrix[:, j]
-            if r.zero_shot is not None:
-                x, y = np.r_[0, x], np.r_[r.zero_shot[j], y]
-            ok = ~np.isnan(y)
-            ax.plot(x[ok], y[ok], color=c, marker=m, ms=4.5, lw=1.6, label=r.label)
+        for g, ((M, S), zs), c, m in zip(groups, stats, colors, MARKERS * len(groups)):
+            x, y, s = np.arange(1, M.shape[0] + 1), M[:, j], S[:, j]
+            if zs is not None:
+                x, y, s = np.r_[0, x], np.r_[zs[0][j], y], np.r_[zs[1][j], s]
+            _line_and_band(ax, x, y, s, c, m, _legend(g, show_n), ms=4.5, lw=1.6)
         ax.set_title(_short(tasks[j], 32), fontsize=10)
         ax.set_ylim(-0.02, 1.02)
         ax.yaxis.set_major_formatter(PercentFormatter(1.0, decimals=0))
@@ -245,37 +281,37 @@ def _forgetting_curves(runs, tasks, colors, path) -> Path:
         if j + ncols >= T:  # bottom panel of its column
             _xticks(ax, tasks)
             ax.xaxis.set_tick_params(labelbottom=True)
-    fig.supxlabel("after training experience", fontsize=10)
+    fig.supxlabel("after training experience" + ("  (mean over seeds, band: ±1 std)" if show_n else ""),
+                  fontsize=10)
     handles, labels = axes[0].get_legend_handles_labels()
     fig.legend(handles, labels, loc="outside upper center", ncols=min(len(labels), 4), fontsize=9,
                frameon=False)
-    return _save(fig, path)
+    return fig
 
 
-def _average_accuracy(runs, tasks, colors, path) -> Path:
+def _average_accuracy(groups, tasks, colors, show_n: bool = False) -> Figure:
     T = len(tasks)
     fig = Figure(figsize=(max(6.0, 0.7 * T + 3.0), 4.6), layout="constrained")
     ax = fig.subplots()
-    for r, c, m in zip(runs, colors, MARKERS * len(runs)):
-        y = r.curve()
-        x = np.arange(1, len(y) + 1)
-        ok = ~np.isnan(y)
-        ax.plot(x[ok], y[ok], color=c, marker=m, ms=5, lw=1.8, label=r.label)
+    for g, c, m in zip(groups, colors, MARKERS * len(groups)):
+        y, s = g.curve()
+        _line_and_band(ax, np.arange(1, len(y) + 1), y, s, c, m, _legend(g, show_n), ms=5, lw=1.8)
     _xticks(ax, tasks, zero_shot=False)
     ax.set_xlim(0.6, T + 0.4)
     ax.set_ylim(-0.02, 1.02)
     ax.yaxis.set_major_formatter(PercentFormatter(1.0, decimals=0))
     ax.tick_params(axis="y", labelsize=9)
     ax.grid(alpha=0.3)
-    ax.set_xlabel("after training experience", fontsize=10)
+    ax.set_xlabel("after training experience" + ("  (mean over seeds, band: ±1 std)" if show_n else ""),
+                  fontsize=10)
     ax.set_ylabel("average accuracy over seen tasks", fontsize=10)
     ax.set_title("Average accuracy over seen tasks  $A_t = \\mathrm{mean}_{j\\leq t}\\, A[t, j]$", fontsize=11)
     ax.legend(fontsize=9, loc="best")
-    return _save(fig, path)
+    return fig
 
 
-def _heatmaps(runs, tasks, path) -> Path:
-    T, n = len(tasks), len(runs)
+def _heatmaps(groups, tasks, show_n: bool = False) -> Figure:
+    T, n = len(tasks), len(groups)
     ncols = min(n, 3 if T <= 5 else 2)
     nrows = math.ceil(n / ncols)
     cell = 0.62 if T <= 6 else 0.5
@@ -284,15 +320,16 @@ def _heatmaps(runs, tasks, path) -> Path:
     fs = 8 if T <= 6 else 7 if T <= 9 else 6
     cmap = colormaps["viridis"].with_extremes(bad=to_rgba("0.93"))
     im = None
-    zs = any(r.zero_shot is not None for r in runs)  # same rows in every panel
-    for ax, r in zip(axes, runs):
+    zs = any(g.zero_shot() is not None for g in groups)  # same rows in every panel
+    for ax, g in zip(axes, groups):
         M = np.full((T + zs, T), np.nan)
-        if r.zero_shot is not None:
-            M[0] = r.zero_shot
-        M[zs: zs + r.rows] = r.matrix
+        gz = g.zero_shot()
+        if gz is not None:
+            M[0] = gz[0]
+        M[zs: zs + g.rows] = g.matrix()[0]
         done = np.zeros_like(M, dtype=bool)  # rows that exist in results.json: NaN there = not evaluated
-        done[zs: zs + r.rows] = True
-        done[0] |= r.zero_shot is not None
+        done[zs: zs + g.rows] = True
+        done[0] |= gz is not None
         im = ax.imshow(np.ma.masked_invalid(M), cmap=cmap, vmin=0, vmax=1, aspect="auto")
         for (i, j), v in np.ndenumerate(M):
             if not np.isnan(v) or done[i, j]:
@@ -305,13 +342,14 @@ def _heatmaps(runs, tasks, path) -> Path:
                       rotation_mode="anchor", fontsize=fs + 1)
         if zs:
             ax.axhline(0.5, color="white", lw=2)
-        ax.set_title(r.label + ("" if r.rows == T else f"  ({r.rows}/{T} trained)"), fontsize=10)
+        ax.set_title(g.label + (f"  (mean of {g.n} seeds)" if g.n > 1 else "")
+                     + ("" if g.rows == T else f"  ({g.rows}/{T} trained)"), fontsize=10)
         ax.set_xlabel("test task", fontsize=9)
     for ax in axes[n:]:
         ax.set_visible(False)
     cb = fig.colorbar(im, ax=axes[:n].tolist(), shrink=0.8, format=PercentFormatter(1.0, decimals=0))
     cb.set_label("accuracy", fontsize=9)
-    return _save(fig, path)
+    return fig
 
 
 def check_same_tasks(runs: list[RunResult]) -> None:
@@ -330,32 +368,132 @@ def check_same_tasks(runs: list[RunResult]) -> None:
                              f"({diff}); compare runs of one stream at a time")
 
 
-def compare_runs(run_dirs, out_dir, *, labels=None) -> dict[str, Path]:
-    """Write forgetting_curves.png, average_accuracy.png, heatmaps.png, metrics.md and metrics.csv
-    (and expert_usage.png when a run routes over experts) into ``out_dir`` (created) for the runs in ``run_dirs``; return ``{file name: path}``."""
-    runs = load_runs(run_dirs, labels)
+def _colors(n: int) -> list:
+    cmap = colormaps["tab10" if n <= 10 else "tab20"]
+    return [cmap(i % cmap.N) for i in range(n)]
+
+
+def _as_runs(runs, labels=None) -> list[RunResult]:
+    """Run directories (or already loaded :class:`RunResult`) -> RunResults on one stream."""
+    runs = list(runs)
     if not runs:
-        raise ValueError("compare_runs: no run directories given")
-    check_same_tasks(runs)
-    tasks = runs[0].tasks
+        raise ValueError("compare: no run directories given")
+    if all(isinstance(r, RunResult) for r in runs):
+        loaded = _disambiguate(list(runs))
+    else:
+        loaded = load_runs([r.path if isinstance(r, RunResult) else r for r in runs], labels)
+    check_same_tasks(loaded)
+    return loaded
+
+
+def compare_figures(runs, *, labels=None) -> dict[str, Figure]:
+    """The comparison figures as matplotlib objects: ``forgetting_curves``, ``average_accuracy``,
+    ``heatmaps``; runs that differ only by seed are drawn as one mean line with a +-1 std band."""
+    runs = _as_runs(runs, labels)
+    groups = group_runs(runs)
+    show_n, tasks, colors = aggregated(groups), runs[0].tasks, _colors(len(groups))
+    return {"forgetting_curves": _forgetting_curves(groups, tasks, colors, show_n),
+            "average_accuracy": _average_accuracy(groups, tasks, colors, show_n),
+            "heatmaps": _heatmaps(groups, tasks, show_n)}
+
+
+def compare_runs(run_dirs, out_dir, *, labels=None) -> dict[str, Path]:
+    """Write forgetting_curves.png, average_accuracy.png, heatmaps.png, metrics.md, metrics.csv and the
+    paper tables results.md / results.tex (and expert_usage.png when a run routes over experts; paired.md
+    when two methods share seeds) into ``out_dir`` (created) for the runs in ``run_dirs``; return
+    ``{file name: path}``. Runs that differ only by seed are aggregated (mean +- std, see
+    :mod:`lifelong_moe.aggregate`)."""
+    runs = _as_runs(run_dirs, labels)
     out = Path(out_dir)
     if out.exists() and not out.is_dir():
         raise UserError(f"-o {out}: exists and is not a directory")
     out.mkdir(parents=True, exist_ok=True)
-    cmap = colormaps["tab10" if len(runs) <= 10 else "tab20"]
-    colors = [cmap(i % cmap.N) for i in range(len(runs))]
-    paths = {
-        "forgetting_curves.png": _forgetting_curves(runs, tasks, colors, out / "forgetting_curves.png"),
-        "average_accuracy.png": _average_accuracy(runs, tasks, colors, out / "average_accuracy.png"),
-        "heatmaps.png": _heatmaps(runs, tasks, out / "heatmaps.png"),
-    }
+    paths = {f"{name}.png": _save(fig, out / f"{name}.png") for name, fig in compare_figures(runs).items()}
     from .usage_plot import expert_usage_figure
 
     usage = expert_usage_figure([(r.label, json.loads((r.path / "results.json").read_text(encoding="utf-8")))
                                  for r in runs], out / "expert_usage.png")
     if usage is not None:  # only runs that route (CL-MoE, MoE-Adapters) have expert usage
         paths["expert_usage.png"] = usage
-    for name, text in (("metrics.md", _metrics_markdown(runs)), ("metrics.csv", _metrics_csv(runs))):
+    groups = group_runs(runs)
+    texts = {"metrics.md": _metrics_markdown(runs), "metrics.csv": _metrics_csv(runs)}
+    if aggregated(groups):
+        texts = {"metrics.md": _group_markdown(groups, runs), "metrics.csv": _group_csv(groups)}
+        pairs = paired(groups)
+        if pairs:
+            texts["paired.md"] = paired_markdown(pairs)
+    texts["results.md"] = markdown_table(groups) + "\n"
+    texts["results.tex"] = latex_table(groups) + "\n"
+    for name, text in texts.items():
         write_text(out / name, text)
         paths[name] = out / name
     return paths
+
+
+# ------------------------------------------------------------------------------- seed groups
+def format_group_table(groups) -> str:
+    """Markdown, one row per seed group: ``mean ± std`` per metric (percent for accuracy-like runs)."""
+    keys = list(dict.fromkeys(k for g in groups for k in g.metric_keys()))
+
+    def cell(g, k):
+        s = g.metric(k)
+        if s.mean is None:
+            return "–"
+        return _fmt(s.mean, g.percent) + ("" if s.std is None else f" ± {_fmt(s.std, g.percent)}")
+
+    lines = ["| run | strategy | seeds | trained | " + " | ".join(keys) + " |",
+             "|---|---|---|---|" + "".join("---:|" for _ in keys)]
+    for g in groups:
+        seeds = ", ".join("?" if s is None else str(s) for s in g.seeds)
+        trained = "/".join(map(str, sorted({r.rows for r in g.runs}))) + f"/{g.num_tasks}"
+        lines.append(f"| {g.label.replace('|', chr(92) + '|')} | {g.strategy} | {seeds} | {trained} | "
+                     + " | ".join(cell(g, k) for k in keys) + " |")
+    return "\n".join(lines)
+
+
+def format_summary(runs) -> str:
+    """The table ``lifelong-moe compare`` prints: per seed group when any run has seed siblings, else per run."""
+    runs = _as_runs(runs)
+    groups = group_runs(runs)
+    return format_group_table(groups) if aggregated(groups) else format_metrics_table(runs)
+
+
+def _group_markdown(groups, runs) -> str:
+    out = ["# Metrics over seeds", "", format_group_table(groups), "",
+           "mean ± sample standard deviation (ddof=1) over the seeds listed; values in percent for accuracy-like "
+           "runs (forgetting/bwt/fwt in percentage points); – = undefined or not computed.", "",
+           "## Per run", "", format_metrics_table(runs), ""]
+    return "\n".join(out) + "\n"
+
+
+def _group_csv(groups) -> str:
+    keys = list(dict.fromkeys(k for g in groups for k in g.metric_keys()))
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow(["run", "strategy", "n", "seeds"] + [f"{k}_{s}" for k in keys for s in ("mean", "std")])
+    for g in groups:
+        cells = []
+        for k in keys:
+            s = g.metric(k)
+            cells += [_fmt(s.mean, g.percent) or "", _fmt(s.std, g.percent) or ""]
+        w.writerow([g.label, g.strategy, g.n, " ".join(str(s) for s in g.seeds)] + cells)
+    return buf.getvalue()
+
+
+def paired_markdown(pairs) -> str:
+    """Per pair of methods sharing seeds: ``a - b`` per seed and its mean ± std, one row per metric."""
+    out = ["# Paired differences over shared seeds", "",
+           "Each cell is a - b on the same seed (same data order and initialisation); the last column the mean "
+           "± sample std of those differences.", ""]
+    for p in pairs:
+        pct = p.a.percent and p.b.percent
+        out += [f"## {p.a.label} - {p.b.label} (seeds {', '.join(map(str, p.seeds))})", "",
+                "| metric | " + " | ".join(f"seed {s}" for s in p.seeds) + " | mean ± std |",
+                "|---|" + "".join("---:|" for _ in p.seeds) + "---:|"]
+        for k, d in p.diffs.items():
+            st = p.stat(k)
+            mean = _fmt(st.mean, pct) or "–"
+            out.append(f"| {k} | " + " | ".join(_fmt(v, pct) or "–" for v in d) + f" | {mean}"
+                       + ("" if st.std is None else f" ± {_fmt(st.std, pct)}") + " |")
+        out.append("")
+    return "\n".join(out)

@@ -44,7 +44,8 @@ def two_runs(tmp_path):
 def test_compare_writes_valid_files(two_runs, tmp_path):
     out = tmp_path / "cmp" / "nested"
     paths = compare_runs(two_runs, out)
-    assert set(paths) == {"forgetting_curves.png", "average_accuracy.png", "heatmaps.png", "metrics.md", "metrics.csv"}
+    assert set(paths) == {"forgetting_curves.png", "average_accuracy.png", "heatmaps.png", "metrics.md", "metrics.csv",
+                          "results.md", "results.tex"}
     for name, p in paths.items():
         assert p == out / name and p.is_file()
         if name.endswith(".png"):
