@@ -28,50 +28,12 @@ def summary_keys(records: list[dict]) -> list[str]:
     return VQA_SUMMARY_KEYS if all(r.get("stream_kind") == "vqa" for r in records) else SUMMARY_KEYS
 
 
-def _jobs_in(config: str, overrides: list[str]) -> int:
-    """``runtime.jobs`` of a config at a glance (1 when unreadable: load_config reports why)."""
-    from .config import apply_overrides, read_yaml_tree
-
-    try:
-        return int(apply_overrides(read_yaml_tree(config), list(overrides)).get("runtime", {}).get("jobs", 1))
-    except Exception:  # noqa: BLE001 - validation proper comes next
-        return 1
-
-
 def cmd_run(a) -> int:
-    from .config import load_config
-    from .results import RunDir
-    from .runner import output_dir, run
+    from .api import run
 
     only = [w.strip() for w in a.only.split(",") if w.strip()] if a.only else None
-    for opt, v in (("--stop-after", a.stop_after), ("--jobs", a.jobs)):
-        if v is not None and v < 1:
-            raise UserError(f"{opt} must be at least 1, got {v}")
-    if a.resume and a.overwrite:
-        raise UserError("give one of --resume (continue the run) and --overwrite (start it again), not both")
-    if (a.jobs if a.jobs is not None else _jobs_in(a.config, a.overrides)) > 1:
-        from .jobs import start_early
-
-        start_early()  # the workers' imports overlap the validation below
-    configs = load_config(a.config, a.overrides, only=only)
-    multi = len(configs) > 1 or "/" in configs[0].name
-    outs = [Path(a.output) / cfg.name.rsplit("/", 1)[-1] if (a.output and multi) else output_dir(cfg, a.output)
-            for cfg in configs]
-    options = {"resume": a.resume, "overwrite": a.overwrite, "stop_after": a.stop_after}
-    jobs = a.jobs if a.jobs is not None else configs[0].runtime.jobs
-    if jobs > 1 and len(configs) > 1:
-        from .jobs import run_parallel
-
-        for cfg, out in zip(configs, outs):  # refuse before any variant starts writing
-            RunDir(out).check_start(cfg, resume=a.resume, overwrite=a.overwrite)
-        run_parallel(a.config, a.overrides, configs, outs, jobs, options, quiet=a.quiet)
-    else:
-        from .runner import resolve_runtime
-
-        for cfg in configs:  # an unavailable device fails before any variant starts writing
-            resolve_runtime(cfg)
-        for cfg, out in zip(configs, outs):
-            run(cfg, out, progress=not a.quiet, log=(lambda *_: None) if a.quiet else print, **options)
+    outs = run(a.config, a.overrides, a.output, only=only, resume=a.resume, overwrite=a.overwrite,
+               stop_after=a.stop_after, jobs=a.jobs, quiet=a.quiet)
     from .results import load_record
 
     records = [(str(o), load_record(o)) for o in outs]
@@ -97,6 +59,32 @@ def cmd_compare(a) -> int:
     print(format_summary([Path(d) for d in a.runs]))  # per seed group when runs differ only by seed
     print("\n".join(f"wrote {p}" for p in paths.values()))
     return 0
+
+
+def cmd_sweep(a) -> int:
+    from .api import sweep
+    from .sweeps import status_table
+
+    for opt, v in (("--cpus", a.cpus), ("--cpus-per-run", a.cpus_per_run)):
+        if v is not None and v <= 0:
+            raise UserError(f"{opt} must be positive, got {v}")
+    if a.gpus_per_run is not None and a.gpus_per_run < 0:
+        raise UserError(f"--gpus-per-run must be 0 or more, got {a.gpus_per_run}")
+    only = [w.strip() for w in a.only.split(",") if w.strip()] if a.only else None
+    given = [c for c in a.configs if "=" in c and not Path(c).exists()]  # key=value among the configs
+    a.overrides = given + list(a.overrides)
+    a.configs = [c for c in a.configs if c not in given]
+    res = sweep(a.configs, seeds=a.seeds, grid=a.grid or [], overrides=a.overrides, output=a.output, only=only,
+                address=a.address, local=a.local, num_cpus=a.cpus, cpus_per_run=a.cpus_per_run,
+                gpus_per_run=a.gpus_per_run, progress=not a.quiet)
+    print()
+    print(status_table(res.runs))
+    for d in res.compare:
+        print(f"\nseed-aggregated comparison: {d}")
+        print((d / "results.md").read_text(encoding="utf-8"), end="")
+    if res.failed:
+        print(f"\n{len(res.failed)} of {len(res.runs)} runs failed (see above); the same command resumes the sweep")
+    return 1 if res.failed else 0
 
 
 def cmd_metrics(a) -> int:
@@ -184,6 +172,23 @@ def parser() -> argparse.ArgumentParser:
                    "(default: runtime.jobs of the config)")
     r.add_argument("-q", "--quiet", action="store_true", help="no progress bars or per-row logs")
     r.set_defaults(fn=cmd_run)
+    sw = sub.add_parser("sweep", help="configs x variants x seeds x grid, one results directory per run, on Ray "
+                        "(or --local); re-running it skips finished runs and resumes stopped ones")
+    sw.add_argument("configs", nargs="+", metavar="CONFIG", help="config files, then any dotted key=value "
+                    "overrides applied to every run")
+    sw.add_argument("--seeds", help="e.g. 0,1,2 or 0-4 (default: each config's seed)")
+    sw.add_argument("--grid", action="append", metavar="KEY=V1,V2",
+                    help="a swept setting and its values (repeatable; the grid is their product)")
+    sw.add_argument("-o", "--output", default="sweeps", help="the sweep's directory (default: sweeps)")
+    sw.add_argument("--only", help="comma-separated variant names to run")
+    sw.add_argument("--address", help="Ray cluster address (default: $RAY_ADDRESS, else a local Ray instance)")
+    sw.add_argument("--local", action="store_true", help="no Ray: one run after the other in this process")
+    sw.add_argument("--cpus", type=float, help="CPUs of the local Ray instance (default: all)")
+    sw.add_argument("--cpus-per-run", type=float, help="Ray CPU request per run (default: runtime.threads or 1)")
+    sw.add_argument("--gpus-per-run", type=float, help="Ray GPU request per run (default: 1 where runtime.device "
+                    "is cuda, else 0)")
+    sw.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    sw.set_defaults(fn=cmd_sweep, overrides=[])
     c = sub.add_parser("compare", help="plots and a metrics table for several runs")
     c.add_argument("runs", nargs="+")
     c.add_argument("-o", "--output", required=True)
@@ -213,7 +218,7 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     """Parse; ``run``'s ``key=value`` overrides may stand anywhere among its options."""
     p = parser()
     args, extra = p.parse_known_args(argv)
-    stray = [e for e in extra if e.startswith("-") or "=" not in e or args.command not in ("run", "pretrain", "bench")]
+    stray = [e for e in extra if e.startswith("-") or "=" not in e or args.command not in ("run", "pretrain", "bench", "sweep")]
     if stray:
         p.error(f"unrecognized arguments: {' '.join(stray)}")
     if extra and args.command == "bench":

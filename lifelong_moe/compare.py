@@ -50,6 +50,7 @@ class RunResult:
     name: str = ""  # results.json ``name`` ('' when absent); runs of one name may form a seed group
     seed: int | None = None
     config: dict | None = None  # the resolved configuration (config.yaml beside results.json), if any
+    stream_kind: str = ""  # results.json ``stream_kind`` (vqa, multi_domain, class_incremental)
 
     @property
     def num_tasks(self) -> int:
@@ -125,7 +126,7 @@ def load_run(path: str | Path, label: str | None = None) -> RunResult:
                      task_classes=[tuple(map(str, t["class_names"])) if isinstance(t, dict) and
                                    isinstance(t.get("class_names"), list) else None for t in tasks],
                      name=str(rec.get("name") or ""), seed=rec["seed"] if isinstance(rec.get("seed"), int) else None,
-                     config=_saved_config(run_dir))
+                     config=_saved_config(run_dir), stream_kind=str(rec.get("stream_kind") or ""))
 
 
 def _saved_config(run_dir: Path) -> dict | None:
@@ -373,6 +374,25 @@ def _colors(n: int) -> list:
     return [cmap(i % cmap.N) for i in range(n)]
 
 
+def task_axis(runs: list[RunResult]) -> list[str]:
+    """The task names the figures draw: the runs' own; or, where the seeds order the tasks differently
+    (a class order drawn from the seed) but the runs of each seed share one stream, the positions
+    ``experience 1..T`` (results over seeds are then averaged per position, as class-incremental papers
+    report them). Raises RunFormatError for runs on different streams."""
+    try:
+        check_same_tasks(runs)
+        return runs[0].tasks
+    except RunFormatError as e:
+        by_seed: dict = {}
+        for r in runs:
+            by_seed.setdefault(r.seed, []).append(r)
+        if None in by_seed or len(by_seed) < 2 or len({r.num_tasks for r in runs}) != 1:
+            raise e from None
+        for same_seed in by_seed.values():
+            check_same_tasks(same_seed)
+        return [f"experience {j + 1}" for j in range(runs[0].num_tasks)]
+
+
 def _as_runs(runs, labels=None) -> list[RunResult]:
     """Run directories (or already loaded :class:`RunResult`) -> RunResults on one stream."""
     runs = list(runs)
@@ -382,7 +402,7 @@ def _as_runs(runs, labels=None) -> list[RunResult]:
         loaded = _disambiguate(list(runs))
     else:
         loaded = load_runs([r.path if isinstance(r, RunResult) else r for r in runs], labels)
-    check_same_tasks(loaded)
+    task_axis(loaded)
     return loaded
 
 
@@ -391,7 +411,7 @@ def compare_figures(runs, *, labels=None) -> dict[str, Figure]:
     ``heatmaps``; runs that differ only by seed are drawn as one mean line with a +-1 std band."""
     runs = _as_runs(runs, labels)
     groups = group_runs(runs)
-    show_n, tasks, colors = aggregated(groups), runs[0].tasks, _colors(len(groups))
+    show_n, tasks, colors = aggregated(groups), task_axis(runs), _colors(len(groups))
     return {"forgetting_curves": _forgetting_curves(groups, tasks, colors, show_n),
             "average_accuracy": _average_accuracy(groups, tasks, colors, show_n),
             "heatmaps": _heatmaps(groups, tasks, show_n)}
@@ -422,8 +442,9 @@ def compare_runs(run_dirs, out_dir, *, labels=None) -> dict[str, Path]:
         pairs = paired(groups)
         if pairs:
             texts["paired.md"] = paired_markdown(pairs)
-    texts["results.md"] = markdown_table(groups) + "\n"
-    texts["results.tex"] = latex_table(groups) + "\n"
+    keys = paper_keys(groups)
+    texts["results.md"] = markdown_table(groups, keys) + "\n"
+    texts["results.tex"] = latex_table(groups, keys) + "\n"
     for name, text in texts.items():
         write_text(out / name, text)
         paths[name] = out / name
@@ -431,6 +452,19 @@ def compare_runs(run_dirs, out_dir, *, labels=None) -> dict[str, Path]:
 
 
 # ------------------------------------------------------------------------------- seed groups
+ALIASES = {"vqa": ("mtil_transfer", "mtil_avg", "mtil_last"), "": ("vqacl_ap", "vqacl_af")}
+
+
+def paper_keys(groups) -> list[str]:
+    """The paper table's columns: every metric with a value, less the other family's names for the same
+    numbers (VQACL's AP/AF on classification streams, MTIL's on VQA)."""
+    from .paper_tables import table_keys
+
+    vqa = all(r.stream_kind == "vqa" for g in groups for r in g.runs)
+    drop = ALIASES["vqa" if vqa else ""]
+    return [k for k in table_keys(groups) if k not in drop]
+
+
 def format_group_table(groups) -> str:
     """Markdown, one row per seed group: ``mean ± std`` per metric (percent for accuracy-like runs)."""
     keys = list(dict.fromkeys(k for g in groups for k in g.metric_keys()))
