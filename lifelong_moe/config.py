@@ -235,6 +235,25 @@ class RuntimeConfig(Strict):
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"
 
 
+class WandbConfig(Strict):
+    """A Weights & Biases run per results directory (``wandb.init`` arguments); ``mode: offline``
+    writes it locally for ``wandb sync`` later."""
+
+    project: str = Field(min_length=1)
+    mode: Literal["online", "offline", "disabled"] = "offline"
+    entity: Optional[str] = None
+    dir: Optional[str] = None  # None: $WANDB_DIR, else the working directory
+    tags: Optional[list[str]] = None
+
+
+class LoggingConfig(Strict):
+    """Optional experiment trackers, off by default: per-step loss / lr, every matrix row and metric
+    (:mod:`lifelong_moe.trackers`). The results directory stays the record of the run."""
+
+    tensorboard: Optional[str] = None  # event files under <tensorboard>/<name>/seed<seed>
+    wandb: Optional[WandbConfig] = None
+
+
 class RunConfig(Strict):
     name: str = Field("run", min_length=1)
     seed: int = Field(0, ge=0, lt=2**31)  # numpy seeds are 0..2**32-1; per-experience seeds add to it
@@ -245,6 +264,7 @@ class RunConfig(Strict):
     evaluation: EvaluationConfig = EvaluationConfig()
     output: OutputConfig = OutputConfig()
     runtime: RuntimeConfig = RuntimeConfig()
+    logging: LoggingConfig = LoggingConfig()
     variants: Optional[list[dict[str, Any]]] = None  # each: {name: ..., <partial config>}
 
     def strategy_params(self) -> BaseModel:

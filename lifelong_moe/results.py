@@ -248,7 +248,7 @@ class RunDir:
             if not isinstance(saved, dict):
                 raise UserError(f"--resume: {cy} does not hold a configuration (a mapping of keys)")
             now = cfg.to_dict()
-            diff = sorted(k for k in set(saved) | set(now) if saved.get(k) != now.get(k) and k not in ("output", "runtime"))
+            diff = sorted(k for k in set(saved) | set(now) if saved.get(k) != now.get(k) and k not in ("output", "runtime", "logging"))
             if diff:
                 raise UserError(f"--resume: the configuration differs from the saved run in: {', '.join(diff)}")
             return state

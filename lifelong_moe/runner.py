@@ -21,6 +21,7 @@ from .errors import UserError
 from .evaluator import make_evaluator
 from .registry import strategy_class
 from .threads import torch_threads
+from .trackers import Trackers
 
 
 def seed_everything(seed: int) -> None:
@@ -73,12 +74,12 @@ def run(cfg: RunConfig, out: str | Path | None = None, *, resume: bool = False, 
         stop_after: int | None = None, progress: bool = True, log=print) -> Path:
     """Run (or resume) one configuration; return the results directory."""
     run_dir = R.RunDir(output_dir(cfg, out))
-    with torch_threads(cfg.runtime.threads), run_dir.releasing():  # the directory's lock ends with the run
+    with torch_threads(cfg.runtime.threads), run_dir.releasing(), Trackers(cfg) as trackers:  # lock, trackers: end with the run
         return _run(cfg, run_dir, resume=resume, overwrite=overwrite, stop_after=stop_after, progress=progress,
-                    log=log)
+                    log=log, trackers=trackers)
 
 
-def _run(cfg: RunConfig, run_dir: R.RunDir, *, resume, overwrite, stop_after, progress, log) -> Path:
+def _run(cfg: RunConfig, run_dir: R.RunDir, *, resume, overwrite, stop_after, progress, log, trackers) -> Path:
     out = run_dir.path
     state = run_dir.check_start(cfg, resume=resume, overwrite=overwrite)  # raises before any write
     t0 = time.perf_counter()
@@ -99,11 +100,13 @@ def _run(cfg: RunConfig, run_dir: R.RunDir, *, resume, overwrite, stop_after, pr
     if resume and done:
         strategy.load_state_dict(run_dir.load_checkpoint(done - 1))
         log(f"resuming {out} after experience {done}/{len(stream.tasks)}")
+    trackers.start(out, done)  # TensorBoard / W&B copies of what the results directory records (logging:)
     if record.get("zero_shot") is None and cfg.evaluation.zero_shot_row:
         t = time.perf_counter()
         record["zero_shot"] = evaluator.row(strategy, -1)
         timings["zero_shot_eval_s"] = round(time.perf_counter() - t, 3)
         run_dir.save_progress(record, strategy, step_log=[], extra=evaluator.extra_results())
+        trackers.row(0, record["zero_shot"], record["tasks"], record["metrics"])
         log(f"[{cfg.name}] zero-shot: " + " ".join(f"{a:.3f}" for a in record["zero_shot"]))
     for i in range(done, len(stream.tasks)):
         seed_everything(cfg.seed + i)
@@ -120,8 +123,11 @@ def _run(cfg: RunConfig, run_dir: R.RunDir, *, resume, overwrite, stop_after, pr
         step_log = [s for s in strategy.step_log if s["experience"] == i]
         run_dir.save_progress(record, strategy, step_log=step_log, checkpoint_index=i,
                               extra=extra_results(strategy, evaluator))
+        trackers.steps(step_log)
+        trackers.row(i + 1, row, record["tasks"], record["metrics"])
         if stop_after is not None and i + 1 >= stop_after and i + 1 < len(stream.tasks):
             log(f"[{cfg.name}] stopped after experience {i + 1} as asked; continue with --resume")
             return out
     run_dir.finish(record, extra_results(strategy, evaluator))
+    trackers.finish(record["metrics"])
     return out
