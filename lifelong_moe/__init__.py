@@ -2,8 +2,24 @@
 with mixture-of-experts adapters."""
 
 __version__ = "0.1.0"
+__all__ = ["run", "sweep", "load_run", "compare", "__version__"]
 
 import warnings as _warnings
 
 # avalanche imports qpsolvers, which warns at import time when no QP solver is installed (only GEM needs one).
 _warnings.filterwarnings("ignore", message="no QP solver found")
+
+
+def __getattr__(name: str):
+    """The Python API (:mod:`lifelong_moe.api`), imported on first use so ``import lifelong_moe`` stays
+    light. ``compare`` is also a submodule: importing it binds the module here, so the module itself
+    is callable as the API function (see the end of :mod:`lifelong_moe.compare`)."""
+    if name == "compare":
+        import importlib
+
+        return importlib.import_module(".compare", __name__)
+    if name in ("run", "sweep", "load_run"):
+        from . import api
+
+        return getattr(api, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -11,6 +11,8 @@ import csv
 import io
 import json
 import math
+import sys
+import types
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -531,3 +533,17 @@ def paired_markdown(pairs) -> str:
                        + ("" if st.std is None else f" ± {_fmt(st.std, pct)}") + " |")
         out.append("")
     return "\n".join(out)
+
+
+class _CallableModule(types.ModuleType):
+    """``lifelong_moe.compare(runs)`` is the API function (:func:`lifelong_moe.api.compare`), while
+    ``lifelong_moe.compare`` is also this module: importing a submodule binds its name on the package,
+    so the module is made callable (a module's ``__class__`` may be set to a ModuleType subclass)."""
+
+    def __call__(self, runs, output=None, *, labels=None) -> dict:
+        from .api import compare
+
+        return compare(runs, output, labels=labels)
+
+
+sys.modules[__name__].__class__ = _CallableModule
