@@ -237,7 +237,9 @@ def _xticks(ax, tasks: list[str], zero_shot: bool = True) -> None:
     T = len(tasks)
     ticks = list(range(0 if zero_shot else 1, T + 1))
     names = _drop_common_prefix(tasks)
-    labels = (["zero-shot"] if zero_shot else []) + [f"{i + 1}:{_short(t, 12)}" for i, t in enumerate(names)]
+    positional = all(t == f"experience {i + 1}" for i, t in enumerate(names))  # see task_axis
+    labels = (["zero-shot"] if zero_shot else []) + [str(i + 1) if positional else f"{i + 1}:{_short(t, 12)}"
+                                                     for i, t in enumerate(names)]
     long = T > 3 or max(len(s) for s in labels) > 8
     ax.set_xticks(ticks, labels, rotation=45 if long else 0, ha="right" if long else "center",
                   rotation_mode="anchor", fontsize=8)

@@ -223,6 +223,15 @@ def _run_local(runs, root, bar) -> list[dict]:
     return out
 
 
+def _complete(run_dir: Path) -> bool:
+    from .io import read_json
+
+    try:
+        return read_json(run_dir / "results.json").get("status") == "complete"
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
 def _run_ray(runs, root, bar, address, num_cpus) -> list[dict]:
     ray = _ray()
     started = not ray.is_initialized()
@@ -231,9 +240,23 @@ def _run_ray(runs, root, bar, address, num_cpus) -> list[dict]:
         ray.init(address=address, include_dashboard=False, log_to_driver=False, configure_logging=False, **kw)
     try:
         task = ray.remote(execute)
-        refs = {task.options(num_cpus=r.cpus, num_gpus=r.gpus, max_retries=0).remote(asdict(r), str(root)): i
-                for i, r in enumerate(runs)}
         results: list[dict | None] = [None] * len(runs)
+        have = ray.cluster_resources()
+        refs = {}
+        for i, r in enumerate(runs):
+            if _complete(root / r.dir):  # checked (same config) and skipped here: no task, no resources
+                results[i] = execute(asdict(r), str(root))
+                bar.update(1)
+                continue
+            short = [f"{need:g} {what}" for what, need in (("CPU", r.cpus), ("GPU", r.gpus))
+                     if need > have.get(what, 0)]
+            if short:  # Ray would wait for it forever
+                results[i] = asdict(RunStatus(r.dir, r.name, r.seed, "failed", error=(
+                    f"asks for {' and '.join(short)} per run; the Ray cluster has {have.get('CPU', 0):g} CPU, "
+                    f"{have.get('GPU', 0):g} GPU (--cpus-per-run / --gpus-per-run, runtime.threads / runtime.device)")))
+                bar.update(1)
+                continue
+            refs[task.options(num_cpus=r.cpus, num_gpus=r.gpus, max_retries=0).remote(asdict(r), str(root))] = i
         pending = list(refs)
         while pending:
             done, pending = ray.wait(pending, num_returns=1)

@@ -135,6 +135,8 @@ def test_ray_sweep(tiny, tmp_path, capsys):
     local = sweep([tiny], seeds=[0], output=tmp_path / "local", local=True, progress=False)
     # a Ray worker computes what this process computes (the names differ by the grid suffix only)
     assert record(out / "tiny-pretrained=null-seed0")["matrix"] == record(local.output / "tiny-seed0")["matrix"]
-    assert main(args) == 1
-    again = json.loads((out / "sweep.json").read_text())["runs"]
+    assert main(args + ["--gpus-per-run", "64"]) == 1  # more than any machine: the complete runs are skipped,
+    again = json.loads((out / "sweep.json").read_text())["runs"]  # the others fail at once instead of waiting
     assert sorted(s["status"] for s in again) == ["failed"] * 3 + ["skipped"] * 3
+    assert all("asks for 64 GPU per run; the Ray cluster has 2 CPU" in s["error"]
+               for s in again if s["status"] == "failed")
