@@ -173,9 +173,13 @@ def expand(configs, *, seeds=None, grid=(), overrides=(), only=None, cpus_per_ru
 
 
 # ------------------------------------------------------------------------------------------ one run
-def execute(run: dict, root: str) -> dict:
+def execute(run: dict, root: str, cwd: str | None = None) -> dict:
     """Run (or skip / resume) one :class:`SweepRun` (as a dict) into ``root/run.dir``; never raises for
-    a failing run: the error comes back in the :class:`RunStatus` (as a dict)."""
+    a failing run: the error comes back in the :class:`RunStatus` (as a dict). ``cwd``: the sweep's
+    working directory, where relative paths in configs (data roots) point; a Ray worker moves there
+    when this node has it."""
+    if cwd and os.path.isdir(cwd):
+        os.chdir(cwd)
     from .config import validate
     from .results import RunDir, load_record
     from .runner import run as run_one
@@ -256,7 +260,8 @@ def _run_ray(runs, root, bar, address, num_cpus) -> list[dict]:
                     f"{have.get('GPU', 0):g} GPU (--cpus-per-run / --gpus-per-run, runtime.threads / runtime.device)")))
                 bar.update(1)
                 continue
-            refs[task.options(num_cpus=r.cpus, num_gpus=r.gpus, max_retries=0).remote(asdict(r), str(root))] = i
+            refs[task.options(num_cpus=r.cpus, num_gpus=r.gpus, max_retries=0).remote(asdict(r), str(root),
+                                                                                      os.getcwd())] = i
         pending = list(refs)
         while pending:
             done, pending = ray.wait(pending, num_returns=1)
@@ -323,7 +328,7 @@ def sweep(configs, *, seeds=None, grid=(), overrides=(), output="sweeps", only=N
                   gpus_per_run=gpus_per_run)
     if not local:
         _ray()  # without Ray: say how to install it before anything is written
-    root = Path(output)
+    root = Path(output).absolute()  # Ray workers need not share this process's working directory
     _writable_dir(root)
     if local or not (address or os.environ.get("RAY_ADDRESS")):  # on a cluster each node finds (or makes) its own
         from .config import validate

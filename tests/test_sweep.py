@@ -1,7 +1,6 @@
 """``lifelong-moe sweep``: expansion, skip / resume / restart on re-launch, failing runs reported
 while the others finish, the seed-aggregated comparison; --local here, Ray in the slow test."""
 import json
-import os
 
 import pytest
 import yaml
@@ -121,11 +120,12 @@ def test_without_ray_sweep_says_how_to_install(tiny, tmp_path, monkeypatch, caps
 
 
 @pytest.mark.slow
-def test_ray_sweep(tiny, tmp_path, capsys):
+def test_ray_sweep(tiny, tmp_path, monkeypatch):
     pytest.importorskip("ray")
+    monkeypatch.chdir(tmp_path)  # a relative -o: the workers write where this process means
     out = tmp_path / "sw"
-    bad = str(tmp_path / "missing.safetensors")
-    args = ["sweep", str(tiny), "--seeds", "0,1,2", "--grid", f"backbone.pretrained=null,{bad}", "-o", str(out),
+    bad = "missing.safetensors"  # relative: the runs look for it in this directory (and fail)
+    args = ["sweep", str(tiny), "--seeds", "0,1,2", "--grid", f"backbone.pretrained=null,{bad}", "-o", "sw",
             "--cpus", "2", "-q"]
     assert main(args) == 1  # the three runs on a missing checkpoint fail, the other three complete
     runs = json.loads((out / "sweep.json").read_text())["runs"]
