@@ -149,8 +149,9 @@ def expand(configs, *, seeds=None, grid=(), overrides=(), only=None, cpus_per_ru
             try:
                 cfgs = load_config(path, list(overrides) + [f"{k}={v}" for k, v in point.items()], only=only)
             except UserError as e:
-                where = f" (grid point {', '.join(f'{k}={v}' for k, v in point.items())})" if point else ""
-                raise type(e)(f"{path}{where}: {e}") from None
+                if not point:
+                    raise
+                raise type(e)(f"{path} (grid point {', '.join(f'{k}={v}' for k, v in point.items())}): {e}") from None
             for cfg in cfgs:
                 suffix = ",".join(f"{short[k]}={v}" for k, v in point.items())
                 name = f"{cfg.name}[{suffix}]" if suffix else cfg.name
