@@ -440,13 +440,13 @@ def compare_runs(run_dirs, out_dir, *, labels=None) -> dict[str, Path]:
     if usage is not None:  # only runs that route (CL-MoE, MoE-Adapters) have expert usage
         paths["expert_usage.png"] = usage
     groups = group_runs(runs)
+    keys = paper_keys(groups)
     texts = {"metrics.md": _metrics_markdown(runs), "metrics.csv": _metrics_csv(runs)}
     if aggregated(groups):
         texts = {"metrics.md": _group_markdown(groups, runs), "metrics.csv": _group_csv(groups)}
         pairs = paired(groups)
         if pairs:
-            texts["paired.md"] = paired_markdown(pairs)
-    keys = paper_keys(groups)
+            texts["paired.md"] = paired_markdown(pairs, keys)
     texts["results.md"] = markdown_table(groups, keys) + "\n"
     texts["results.tex"] = latex_table(groups, keys) + "\n"
     for name, text in texts.items():
@@ -518,8 +518,9 @@ def _group_csv(groups) -> str:
     return buf.getvalue()
 
 
-def paired_markdown(pairs) -> str:
-    """Per pair of methods sharing seeds: ``a - b`` per seed and its mean ± std, one row per metric."""
+def paired_markdown(pairs, keys: list[str] | None = None) -> str:
+    """Per pair of methods sharing seeds: ``a - b`` per seed and its mean ± std, one row per metric
+    (those in ``keys``, default all)."""
     out = ["# Paired differences over shared seeds", "",
            "Each cell is a - b on the same seed (same data order and initialisation); the last column the mean "
            "± sample std of those differences.", ""]
@@ -529,6 +530,8 @@ def paired_markdown(pairs) -> str:
                 "| metric | " + " | ".join(f"seed {s}" for s in p.seeds) + " | mean ± std |",
                 "|---|" + "".join("---:|" for _ in p.seeds) + "---:|"]
         for k, d in p.diffs.items():
+            if keys is not None and k not in keys:
+                continue
             st = p.stat(k)
             mean = _fmt(st.mean, pct) or "–"
             out.append(f"| {k} | " + " | ".join(_fmt(v, pct) or "–" for v in d) + f" | {mean}"
