@@ -59,6 +59,10 @@ def cmd_run(a) -> int:
             for cfg in configs]
     options = {"resume": a.resume, "overwrite": a.overwrite, "stop_after": a.stop_after}
     jobs = a.jobs if a.jobs is not None else configs[0].runtime.jobs
+    from . import distributed
+
+    if distributed.launched():  # torchrun: every variant in turn, each data-parallel over the processes
+        jobs = 1
     if jobs > 1 and len(configs) > 1:
         from .jobs import run_parallel
 
@@ -72,6 +76,8 @@ def cmd_run(a) -> int:
             resolve_runtime(cfg)
         for cfg, out in zip(configs, outs):
             run(cfg, out, progress=not a.quiet, log=(lambda *_: None) if a.quiet else print, **options)
+    if not distributed.is_main():  # rank 0 prints the table and draws the comparison
+        return 0
     from .results import load_record
 
     records = [(str(o), load_record(o)) for o in outs]
@@ -226,9 +232,15 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse(argv)
     try:
-        return args.fn(args)
+        from .distributed import stopped_peer
+
+        with stopped_peer():  # torchrun: a lost process becomes one UserError, printed by rank 0
+            return args.fn(args)
     except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
+        from .distributed import is_main
+
+        if is_main() or "data-parallel" in str(e):  # torchrun: one message, not one per process
+            print(f"error: {e}", file=sys.stderr)
         return 2
     except FileNotFoundError as e:  # e.g. a missing dataset directory
         print(f"error: {e}", file=sys.stderr)

@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from . import distributed
 from . import results as R
 from .config import RunConfig
 from .device import check_precision, describe_device, resolve_device
@@ -51,7 +52,8 @@ def build(cfg: RunConfig, progress: bool = True):
     from .backbones import build_backbone, image_transform
     from .streams.builder import build_stream
 
-    device = resolve_runtime(cfg)  # an unavailable device fails first
+    device = distributed.setup(resolve_runtime(cfg))  # an unavailable device fails first; torchrun: this rank's
+    distributed.check_batch(cfg.training.batch_size)
     seed_everything(cfg.seed)
     model = build_backbone(cfg.backbone, progress)
     try:
@@ -73,6 +75,9 @@ def run(cfg: RunConfig, out: str | Path | None = None, *, resume: bool = False, 
         stop_after: int | None = None, progress: bool = True, log=print) -> Path:
     """Run (or resume) one configuration; return the results directory."""
     run_dir = R.RunDir(output_dir(cfg, out))
+    if distributed.launched():  # torchrun: rank 0 checks, locks and writes (lifelong_moe/distributed.py)
+        run_dir = distributed.MainRunDir(run_dir, distributed.setup(resolve_runtime(cfg)))
+        progress, log = progress and distributed.is_main(), log if distributed.is_main() else (lambda *_: None)
     with torch_threads(cfg.runtime.threads), run_dir.releasing():  # the directory's lock ends with the run
         return _run(cfg, run_dir, resume=resume, overwrite=overwrite, stop_after=stop_after, progress=progress,
                     log=log)
