@@ -308,7 +308,7 @@ def stopped_peer():
         if not active() or not isinstance(e, dist.DistError) and not _looks_distributed(e):
             raise
         raise UserError(f"data-parallel run stopped on rank {rank()} of {world()}: another process "
-                        f"failed or did not answer within {timeout().total_seconds():.0f} s "
+                        f"stopped, or did not answer within {timeout().total_seconds():.0f} s ({TIMEOUT_ENV}) "
                         f"({_first_line(e)}); the results directory holds the last completed experience: "
                         "run the same command again with --resume") from None
     teardown()

@@ -190,7 +190,14 @@ class Strategy(ClipStrategy):
     def _after_training_exp(self, **kwargs):
         task = self.experience.task_info
         p = self.params
-        usage = distributed.sum_dict(self.moe.usage(), self.device)  # torchrun: every rank's samples, same freeze
+        usage = self.moe.usage()
+        if distributed.active():  # same counts, so the same freeze, on every rank, as in one process:
+            image = distributed.sum_dict({k: v for k, v in usage.items() if k[0] == "image"}, self.device)  # shards
+            text = {k: v for k, v in usage.items() if k[0] == "text"}  # every rank encodes the same prompts
+            distributed.broadcast_tensors(list(text.values()))
+            usage = {k: image.get(k, text.get(k)) for k in usage}
+            for k, v in usage.items():
+                self.moe[k].router.usage.copy_(v)
         self.usage_log[task.index] = usage
         if p.freeze_top_k:
             self.moe.freeze_experts(freeze_choice(usage, p.freeze_top_k))
