@@ -49,7 +49,9 @@ def cmd_run(a) -> int:
             raise UserError(f"{opt} must be at least 1, got {v}")
     if a.resume and a.overwrite:
         raise UserError("give one of --resume (continue the run) and --overwrite (start it again), not both")
-    if (a.jobs if a.jobs is not None else _jobs_in(a.config, a.overrides)) > 1:
+    from . import distributed
+
+    if not distributed.launched() and (a.jobs if a.jobs is not None else _jobs_in(a.config, a.overrides)) > 1:
         from .jobs import start_early
 
         start_early()  # the workers' imports overlap the validation below
@@ -59,8 +61,6 @@ def cmd_run(a) -> int:
             for cfg in configs]
     options = {"resume": a.resume, "overwrite": a.overwrite, "stop_after": a.stop_after}
     jobs = a.jobs if a.jobs is not None else configs[0].runtime.jobs
-    from . import distributed
-
     if distributed.launched():  # torchrun: every variant in turn, each data-parallel over the processes
         jobs = 1
     if jobs > 1 and len(configs) > 1:

@@ -46,7 +46,8 @@ def active() -> bool:
 
 
 def rank() -> int:
-    return dist.get_rank() if active() else 0
+    """This process's rank (torchrun's ``RANK`` before the group is joined; 0 in one process)."""
+    return dist.get_rank() if active() else int(os.environ.get("RANK", "0")) if launched() else 0
 
 
 def world() -> int:
@@ -271,13 +272,6 @@ def gather_rows(fn, n: int, device: torch.device) -> torch.Tensor:
     return torch.cat([o[:len(p)] for o, p in zip(out, parts)])
 
 
-def refuse(strategy_name: str, why: str) -> None:
-    """A strategy that cannot run data-parallel says so, naming why."""
-    if active():
-        raise UserError(f"strategy {strategy_name} cannot run data-parallel ({world()} processes): {why}; "
-                        "run it in one process (without torchrun)")
-
-
 def reduce_eval_records(strategy) -> None:
     """After an evaluation row: strategies that count something per test sample (DDAS choices,
     inferred tasks) sum this row's counts over the ranks (``reduce_eval_records`` on the strategy)."""
@@ -322,3 +316,18 @@ def _looks_distributed(e: BaseException) -> bool:
 def _first_line(e: BaseException) -> str:
     lines = [w for w in str(e).splitlines() if w.strip()]
     return lines[0][:200] if lines else type(e).__name__
+
+
+def gather_json(obj, device: torch.device | str = "cpu") -> list:
+    """Every rank's JSON-able ``obj``, in rank order, on every rank (``[obj]`` in one process)."""
+    if not active():
+        return [obj]
+    data = torch.frombuffer(bytearray(json.dumps(obj).encode()), dtype=torch.uint8).to(device)
+    sizes = [torch.zeros(1, dtype=torch.long, device=device) for _ in range(world())]
+    dist.all_gather(sizes, torch.tensor([len(data)], dtype=torch.long, device=device))
+    size = int(max(s.item() for s in sizes))
+    padded = torch.zeros(size, dtype=torch.uint8, device=device)
+    padded[:len(data)] = data
+    parts = [torch.empty_like(padded) for _ in range(world())]
+    dist.all_gather(parts, padded)
+    return [json.loads(p[:int(n)].cpu().numpy().tobytes().decode()) for p, n in zip(parts, sizes)]

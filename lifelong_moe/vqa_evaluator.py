@@ -66,10 +66,11 @@ class VqaEvaluator:
                     sums[k] += v
             examples += [{"question": r.question, "answer": r.answer, "predicted": p}
                          for p, r in zip(preds, recs)][: EXAMPLES - len(examples)]
-        if distributed.active():  # the ranks' sums (examples: rank 0's, the first questions, as in one process)
+        if distributed.active():  # the ranks' sums; the first examples in test-set order, as in one process
             keys = sorted(sums)
             sums = dict(zip(keys, distributed.sum_(torch.tensor([sums[k] for k in keys], dtype=torch.float64,
                                                                 device=strategy.device)).tolist()))
+            examples = sum(distributed.gather_json(examples, strategy.device), [])[:EXAMPLES]
         n = max(1, len(records))
         return {"metrics": {k: v / n for k, v in sums.items()}, "examples": examples}
 

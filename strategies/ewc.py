@@ -31,7 +31,7 @@ class Params(StrategyParams):
     towers: list[Literal["image", "text"]] = Field(["image"], min_length=1)
 
 
-class EWCPlugin(SupervisedPlugin, StatefulPlugin):
+class EWCPlugin(SupervisedPlugin, StatefulPlugin, supports_distributed=True):  # Fisher reduced: docs/distributed.md
     def __init__(self, params: Params):
         super().__init__()
         self.p = params
