@@ -86,11 +86,16 @@ def teardown() -> None:
         dist.destroy_process_group()
 
 
-def check_batch(batch_size: int) -> None:
-    """The configured batch is the global one: it must split evenly over the ranks."""
-    if active() and batch_size % world() != 0:
+def check_batch(batch_size: int, sizes: list[int] = ()) -> None:
+    """The configured batch is the global one: it must split evenly over the ranks, and no epoch may
+    end with fewer samples than ranks (``sizes``: the experiences' training set sizes)."""
+    if not active():
+        return
+    if batch_size % world() != 0:
         raise UserError(f"training.batch_size={batch_size} does not split over {world()} processes; "
                         f"use a multiple of {world()} (each rank trains on batch_size / processes samples)")
+    for n in sizes:
+        ShardedBatches.check_tail(n, batch_size, world())
 
 
 # ------------------------------------------------------------------------------------------ rank 0
@@ -163,6 +168,10 @@ class ShardedBatches(BatchSampler):
     def __init__(self, n: int, batch_size: int, generator: torch.Generator, rank: int, world: int):
         super().__init__(RandomSampler(range(n), generator=generator), batch_size, drop_last=False)
         self.rank, self.world = rank, world
+        self.check_tail(n, batch_size, world)
+
+    @staticmethod
+    def check_tail(n: int, batch_size: int, world: int) -> None:
         tail = n % batch_size
         if 0 < tail < world:
             raise UserError(f"an experience of {n} training samples ends each epoch with a batch of {tail}, "

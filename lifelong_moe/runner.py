@@ -53,7 +53,6 @@ def build(cfg: RunConfig, progress: bool = True):
     from .streams.builder import build_stream
 
     device = distributed.setup(resolve_runtime(cfg))  # an unavailable device fails first; torchrun: this rank's
-    distributed.check_batch(cfg.training.batch_size)
     seed_everything(cfg.seed)
     model = build_backbone(cfg.backbone, progress)
     try:
@@ -68,6 +67,7 @@ def build(cfg: RunConfig, progress: bool = True):
     strategy = cls(model=model, cfg=cfg, params=cfg.strategy_params(), tasks=stream.tasks, device=device,
                    precision=cfg.runtime.precision, progress=progress)
     strategy.train_datasets = [e.dataset for e in stream.train_stream]
+    distributed.check_batch(cfg.training.batch_size, [len(d) for d in strategy.train_datasets])
     return stream, strategy, make_evaluator(stream, cfg.evaluation, progress)
 
 

@@ -87,11 +87,13 @@ def _worker(r: int, port: int, out: str) -> None:
         if r == 1:
             c.grad = torch.tensor([8.0])
         loss = distributed.average_gradients([a, b, c], torch.tensor(2.0 if r == 0 else 6.0), 3 if r == 0 else 1)
-        try:
-            distributed.check_batch(7)
-            batch_error = ""
-        except UserError as e:
-            batch_error = str(e)
+        batch_error = []
+        for bs, sizes in ((7, []), (8, [16, 17])):
+            try:
+                distributed.check_batch(bs, sizes)
+            except UserError as e:
+                batch_error.append(str(e))
+        distributed.check_batch(8, [16, 18, 3])  # tails 0, 2, 3: fine
         counts = distributed.sum_dict({("image", 0): torch.tensor([r, 1, 0]), ("text", 1): torch.tensor([2 * r])})
         rows = distributed.gather_rows(lambda idx: torch.tensor(idx, dtype=torch.float32)[:, None] * 10, 5,
                                        torch.device("cpu"))
@@ -111,7 +113,8 @@ def test_reductions_on_hand_made_values(tmp_path):
     g = got[0]
     assert g["a"] == [(3 * 1 + 3) / 4, (3 * 2 + 4) / 4] and g["b"] and g["c"] == [8 / 4]
     assert g["loss"] == pytest.approx((3 * 2 + 6) / 4)
-    assert "training.batch_size=7 does not split over 2 processes" in g["batch_error"]
+    assert "training.batch_size=7 does not split over 2 processes" in g["batch_error"][0]
+    assert "17 training samples ends each epoch with a batch of 1" in g["batch_error"][1]
     assert g["counts"] == {"('image', 0)": [1, 2, 0], "('text', 1)": [2]}
     assert g["rows"] == [0.0, 10.0, 20.0, 30.0, 40.0]
 
