@@ -232,14 +232,14 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse(argv)
     try:
-        from .distributed import stopped_peer
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # torchrun (lifelong_moe/distributed.py)
+            from .distributed import stopped_peer
 
-        with stopped_peer():  # torchrun: a lost process becomes one UserError, printed by rank 0
-            return args.fn(args)
+            with stopped_peer():  # a lost process becomes one UserError
+                return args.fn(args)
+        return args.fn(args)
     except UserError as e:
-        from .distributed import is_main
-
-        if is_main() or "data-parallel" in str(e):  # torchrun: one message, not one per process
+        if os.environ.get("RANK", "0") == "0" or "data-parallel" in str(e):  # torchrun: one message, not N
             print(f"error: {e}", file=sys.stderr)
         return 2
     except FileNotFoundError as e:  # e.g. a missing dataset directory
