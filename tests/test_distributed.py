@@ -94,19 +94,32 @@ def _worker(r: int, port: int, out: str) -> None:
             except UserError as e:
                 batch_error.append(str(e))
         distributed.check_batch(8, [16, 18, 3])  # tails 0, 2, 3: fine
+
+        def decide():  # rank 0's decision (here: its error) reaches every rank
+            if r != 0:
+                raise AssertionError("only rank 0 decides")
+            raise UserError("held by another run")
+        try:
+            distributed.on_main(decide)
+            decision = ""
+        except UserError as e:
+            decision = str(e)
+        state = distributed.on_main(lambda: {"matrix": [[0.5]], "rank": r})
         counts = distributed.sum_dict({("image", 0): torch.tensor([r, 1, 0]), ("text", 1): torch.tensor([2 * r])})
         rows = distributed.gather_rows(lambda idx: torch.tensor(idx, dtype=torch.float32)[:, None] * 10, 5,
                                        torch.device("cpu"))
         json.dump({"a": a.grad.tolist(), "b": b.grad is None, "c": c.grad.tolist(), "loss": loss,
                    "batch_error": batch_error, "counts": {str(k): v.tolist() for k, v in counts.items()},
-                   "rows": rows.flatten().tolist()}, open(f"{out}/{r}.json", "w"))
+                   "rows": rows.flatten().tolist(), "decision": decision, "state": state,
+                   "gathered": distributed.gather_json({"rank": r, "text": "é" * r})}, open(f"{out}/{r}.json", "w"))
     finally:
         dist.destroy_process_group()
 
 
 def test_reductions_on_hand_made_values(tmp_path):
     """Gradients: mean weighted by each rank's sample count (3 and 1); a parameter no rank touched
-    keeps no gradient; counts are summed; rows are gathered in order."""
+    keeps no gradient; counts are summed; rows and JSON are gathered in rank order; rank 0's
+    decisions and errors reach every rank; bad batch sizes are refused."""
     torch.multiprocessing.spawn(_worker, args=(_free_port(), str(tmp_path)), nprocs=2)
     got = [json.loads((tmp_path / f"{r}.json").read_text()) for r in range(2)]
     assert got[0] == got[1]
@@ -117,6 +130,8 @@ def test_reductions_on_hand_made_values(tmp_path):
     assert "17 training samples ends each epoch with a batch of 1" in g["batch_error"][1]
     assert g["counts"] == {"('image', 0)": [1, 2, 0], "('text', 1)": [2]}
     assert g["rows"] == [0.0, 10.0, 20.0, 30.0, 40.0]
+    assert g["decision"] == "held by another run" and g["state"] == {"matrix": [[0.5]], "rank": 0}
+    assert g["gathered"] == [{"rank": 0, "text": ""}, {"rank": 1, "text": "é"}]
 
 
 # ------------------------------------------------------------------------------------ torchrun, 2 processes
