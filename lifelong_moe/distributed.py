@@ -115,15 +115,17 @@ def on_main(fn, device: torch.device | str = "cpu"):
     if not active():
         return fn()
     device = torch.device(device)
-    payload = None
+    payload, failure = None, None
     if is_main():
         try:
             payload = json.dumps({"ok": fn()}).encode()
-        except UserError as e:
-            payload = json.dumps({"error": str(e)}).encode()
+        except Exception as e:  # noqa: BLE001 - every rank must hear of it, not wait for a timeout
+            payload, failure = json.dumps({"error": str(e)}).encode(), e
     out = json.loads(_broadcast_bytes(payload, device).decode())
+    if failure is not None:
+        raise failure  # rank 0: the error as raised (the CLI reports it)
     if "error" in out:
-        raise UserError(out["error"])
+        raise UserError(out["error"])  # the others stop too, quietly (rank 0 prints)
     return out["ok"]
 
 
