@@ -49,7 +49,9 @@ def run(config, overrides=None, output=None, *, only=None, resume: bool = False,
 
         resolve_runtime(config)
         return [run_one(config, output_dir(config, output), progress=not quiet, log=log, **options)]
-    if (jobs if jobs is not None else _jobs_in(config, overrides)) > 1:
+    from . import distributed
+
+    if not distributed.launched() and (jobs if jobs is not None else _jobs_in(config, overrides)) > 1:
         from .jobs import start_early
 
         start_early()  # the workers' imports overlap the validation below
@@ -58,6 +60,8 @@ def run(config, overrides=None, output=None, *, only=None, resume: bool = False,
     outs = [Path(output) / cfg.name.rsplit("/", 1)[-1] if (output and multi) else output_dir(cfg, output)
             for cfg in configs]
     jobs = jobs if jobs is not None else configs[0].runtime.jobs
+    if distributed.launched():  # torchrun: every variant in turn, each data-parallel over the processes
+        jobs = 1
     if jobs > 1 and len(configs) > 1:
         from .jobs import run_parallel
 

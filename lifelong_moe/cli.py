@@ -34,6 +34,10 @@ def cmd_run(a) -> int:
     only = [w.strip() for w in a.only.split(",") if w.strip()] if a.only else None
     outs = run(a.config, a.overrides, a.output, only=only, resume=a.resume, overwrite=a.overwrite,
                stop_after=a.stop_after, jobs=a.jobs, quiet=a.quiet)
+    from . import distributed
+
+    if not distributed.is_main():  # rank 0 prints the table and draws the comparison
+        return 0
     from .results import load_record
 
     records = [(str(o), load_record(o)) for o in outs]
@@ -231,9 +235,15 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse(argv)
     try:
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # torchrun (lifelong_moe/distributed.py)
+            from .distributed import stopped_peer
+
+            with stopped_peer():  # a lost process becomes one UserError
+                return args.fn(args)
         return args.fn(args)
     except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
+        if os.environ.get("RANK", "0") == "0" or "data-parallel" in str(e):  # torchrun: one message, not N
+            print(f"error: {e}", file=sys.stderr)
         return 2
     except FileNotFoundError as e:  # e.g. a missing dataset directory
         print(f"error: {e}", file=sys.stderr)

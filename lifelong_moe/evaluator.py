@@ -10,6 +10,7 @@ import torch
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
+from . import distributed
 from .config import EvaluationConfig
 from .streams.builder import Stream, eval_classes
 
@@ -47,18 +48,22 @@ class ClassificationEvaluator:
         """Inputs, targets and the count stay on the strategy's device: one host sync per test set."""
         device = strategy.device
         lut = strategy.target_lookup(task, classes).to(device)
-        loader = DataLoader(self.stream.test_stream[col].dataset, batch_size=self.cfg.batch_size, shuffle=False,
+        data = distributed.shard(self.stream.test_stream[col].dataset)  # torchrun: this rank's part
+        loader = DataLoader(data, batch_size=self.cfg.batch_size, shuffle=False,
                             pin_memory=device.type == "cuda")
         correct, total = torch.zeros((), dtype=torch.long, device=device), 0
         for x, y, *_ in tqdm(loader, desc=f"eval {task.name}", leave=False, disable=not self.progress):
             pred = strategy.eval_logits(x.to(device, non_blocking=True), task, classes).argmax(dim=-1)
             correct += (pred == lut[y.to(device, non_blocking=True)]).sum()
             total += len(y)
+        correct, total = distributed.sum_(torch.stack([correct, torch.tensor(total, device=device)])).tolist()
         return int(correct) / max(1, total)
 
     @torch.no_grad()
     def row(self, strategy, row: int) -> list[float]:
-        return [self.score(strategy, row, j) for j in range(len(self.stream.tasks))]
+        out = [self.score(strategy, row, j) for j in range(len(self.stream.tasks))]
+        distributed.reduce_eval_records(strategy)
+        return out
 
     def extra_results(self) -> dict:
         return {}

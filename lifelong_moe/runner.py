@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from . import distributed
 from . import results as R
 from .config import RunConfig
 from .device import check_precision, describe_device, resolve_device
@@ -52,7 +53,7 @@ def build(cfg: RunConfig, progress: bool = True):
     from .backbones import build_backbone, image_transform
     from .streams.builder import build_stream
 
-    device = resolve_runtime(cfg)  # an unavailable device fails first
+    device = distributed.setup(resolve_runtime(cfg))  # an unavailable device fails first; torchrun: this rank's
     seed_everything(cfg.seed)
     model = build_backbone(cfg.backbone, progress)
     try:
@@ -67,6 +68,7 @@ def build(cfg: RunConfig, progress: bool = True):
     strategy = cls(model=model, cfg=cfg, params=cfg.strategy_params(), tasks=stream.tasks, device=device,
                    precision=cfg.runtime.precision, progress=progress)
     strategy.train_datasets = [e.dataset for e in stream.train_stream]
+    distributed.check_batch(cfg.training.batch_size, [len(d) for d in strategy.train_datasets])
     return stream, strategy, make_evaluator(stream, cfg.evaluation, progress)
 
 
@@ -74,6 +76,9 @@ def run(cfg: RunConfig, out: str | Path | None = None, *, resume: bool = False, 
         stop_after: int | None = None, progress: bool = True, log=print) -> Path:
     """Run (or resume) one configuration; return the results directory."""
     run_dir = R.RunDir(output_dir(cfg, out))
+    if distributed.launched():  # torchrun: rank 0 checks, locks and writes (lifelong_moe/distributed.py)
+        run_dir = distributed.MainRunDir(run_dir, distributed.setup(resolve_runtime(cfg)))
+        progress, log = progress and distributed.is_main(), log if distributed.is_main() else (lambda *_: None)
     with torch_threads(cfg.runtime.threads), run_dir.releasing(), Trackers(cfg) as trackers:  # lock, trackers: end with the run
         return _run(cfg, run_dir, resume=resume, overwrite=overwrite, stop_after=stop_after, progress=progress,
                     log=log, trackers=trackers)
@@ -100,7 +105,8 @@ def _run(cfg: RunConfig, run_dir: R.RunDir, *, resume, overwrite, stop_after, pr
     if resume and done:
         strategy.load_state_dict(run_dir.load_checkpoint(done - 1))
         log(f"resuming {out} after experience {done}/{len(stream.tasks)}")
-    trackers.start(out, done)  # TensorBoard / W&B copies of what the results directory records (logging:)
+    if distributed.is_main():  # under torchrun only rank 0 logs, as only it writes
+        trackers.start(out, done)  # TensorBoard / W&B copies of what the results directory records (logging:)
     if record.get("zero_shot") is None and cfg.evaluation.zero_shot_row:
         t = time.perf_counter()
         record["zero_shot"] = evaluator.row(strategy, -1)

@@ -16,6 +16,7 @@ import torch
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
+from . import distributed
 from .config import EvaluationConfig
 from .vqa_metrics import vqa_scores
 
@@ -50,7 +51,8 @@ class VqaEvaluator:
     def _scores(self, strategy, col: int) -> dict:
         task = self.stream.tasks[col]
         records = task.test_records
-        loader = DataLoader(self.stream.test_stream[col].dataset, batch_size=self.cfg.batch_size, shuffle=False)
+        data = distributed.shard(self.stream.test_stream[col].dataset)  # torchrun: this rank's part
+        loader = DataLoader(data, batch_size=self.cfg.batch_size, shuffle=False)
         sums = dict.fromkeys(ANSWER_METRICS, 0.0)
         examples = []
         for x, idx, *_ in tqdm(loader, desc=f"eval {task.name}", leave=False, disable=not self.progress):
@@ -64,12 +66,18 @@ class VqaEvaluator:
                     sums[k] += v
             examples += [{"question": r.question, "answer": r.answer, "predicted": p}
                          for p, r in zip(preds, recs)][: EXAMPLES - len(examples)]
+        if distributed.active():  # the ranks' sums; the first examples in test-set order, as in one process
+            keys = sorted(sums)
+            sums = dict(zip(keys, distributed.sum_(torch.tensor([sums[k] for k in keys], dtype=torch.float64,
+                                                                device=strategy.device)).tolist()))
+            examples = sum(distributed.gather_json(examples, strategy.device), [])[:EXAMPLES]
         n = max(1, len(records))
         return {"metrics": {k: v / n for k, v in sums.items()}, "examples": examples}
 
     @torch.no_grad()
     def row(self, strategy, row: int) -> list[float]:
         out = [self.scores(strategy, j) for j in range(len(self.stream.tasks))]
+        distributed.reduce_eval_records(strategy)
         for m in ANSWER_METRICS:
             values = [o["metrics"][m] for o in out]
             if row < 0:

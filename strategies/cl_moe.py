@@ -179,6 +179,13 @@ class ClMoEMethod:
             self._eval_task = None  # count each test batch once
         self.moe.state.task_ids = ids.to(feats.device)
 
+    def reduce_eval_records(self) -> None:
+        """torchrun: this row's inferred-task counts summed over the ranks' test shards."""
+        from lifelong_moe import distributed
+
+        distributed.reduce_row_counts(self.inference, self.trained_count - 1, len(self.tasks), len(self.tasks) + 1,
+                                      self.device)
+
     def mixes_tasks(self) -> bool:
         return self.prototypes is not None and len(self.prototypes) > 0 and self.moe.state.beta < 1
 

@@ -16,6 +16,8 @@ from avalanche.core import SupervisedPlugin
 from pydantic import Field
 from torch.utils.data import DataLoader
 
+from lifelong_moe import distributed
+
 from .base import ClipStrategy, StatefulPlugin, StrategyParams
 from .finetune import unfreeze_towers
 
@@ -29,7 +31,7 @@ class Params(StrategyParams):
     towers: list[Literal["image", "text"]] = Field(["image"], min_length=1)
 
 
-class EWCPlugin(SupervisedPlugin, StatefulPlugin):
+class EWCPlugin(SupervisedPlugin, StatefulPlugin, supports_distributed=True):  # Fisher reduced: docs/distributed.md
     def __init__(self, params: Params):
         super().__init__()
         self.p = params
@@ -57,6 +59,8 @@ class EWCPlugin(SupervisedPlugin, StatefulPlugin):
         for b, (x, y, *_) in enumerate(loader):
             if b >= self.p.fisher_batches:
                 break
+            if b % distributed.world() != distributed.rank():  # torchrun: batches dealt out, summed below
+                continue
             model.zero_grad()
             if text_trains:  # uncached class features: the gradient flows through the text tower
                 text = model.encode_head(strategy.head)
@@ -69,6 +73,8 @@ class EWCPlugin(SupervisedPlugin, StatefulPlugin):
                     fisher[n] += p.grad.detach() ** 2
             n_batches += 1
         model.zero_grad()
+        fisher = distributed.sum_dict(fisher, strategy.device)
+        n_batches = int(distributed.sum_(torch.tensor(n_batches, device=strategy.device)))
         fisher = {n: f / max(1, n_batches) for n, f in fisher.items()}
         anchor = {n: p.detach().clone() for n, p in params.items()}
         if self.p.mode == "online" and self.terms:

@@ -24,7 +24,7 @@ class Params(StrategyParams):
     towers: list[Literal["image", "text"]] = Field(["image"], min_length=1)
 
 
-class LwFPlugin(SupervisedPlugin, StatefulPlugin):
+class LwFPlugin(SupervisedPlugin, StatefulPlugin, supports_distributed=True):  # docs/distributed.md
     def __init__(self, alpha: float, temperature: float):
         super().__init__()
         self.alpha, self.t = alpha, temperature

@@ -23,6 +23,7 @@ import torch
 from pydantic import Field, model_validator
 from torch.utils.data import DataLoader, Subset
 
+from lifelong_moe import distributed
 from lifelong_moe.config import SourceSpec, Strict
 from lifelong_moe.errors import UserError
 from lifelong_moe.moe import inject_moe_adapters
@@ -190,6 +191,13 @@ class Strategy(ClipStrategy):
         task = self.experience.task_info
         p = self.params
         usage = self.moe.usage()
+        if distributed.active():  # same counts, so the same freeze, on every rank, as in one process:
+            image = distributed.sum_dict({k: v for k, v in usage.items() if k[0] == "image"}, self.device)  # shards
+            text = {k: v for k, v in usage.items() if k[0] == "text"}  # every rank encodes the same prompts
+            distributed.broadcast_tensors(list(text.values()))
+            usage = {k: image.get(k, text.get(k)) for k in usage}
+            for k, v in usage.items():
+                self.moe[k].router.usage.copy_(v)
         self.usage_log[task.index] = usage
         if p.freeze_top_k:
             self.moe.freeze_experts(freeze_choice(usage, p.freeze_top_k))
@@ -215,13 +223,17 @@ class Strategy(ClipStrategy):
     def _features(self, dataset, indices) -> torch.Tensor:
         """Frozen DDAS features of ``dataset[indices]``, extracted once (the image transform is
         deterministic, so every pass over the data would see the same features). Extracted in the
-        run's precision, as at decision time; the autoencoders see them in fp32."""
-        feats = []
-        with self._eval_mode():
-            for x, *_ in DataLoader(Subset(dataset, indices), batch_size=256):
-                with self.autocast():
-                    feats.append(self.extractor(x.to(self.device)).float())
-        return torch.cat(feats)
+        run's precision, as at decision time; the autoencoders see them in fp32. Under torchrun each
+        rank extracts a part and all ranks get every row."""
+        def extract(rows: list[int]) -> torch.Tensor:
+            feats = [torch.zeros(0, self.ddas.dim, device=self.device)]
+            with self._eval_mode():
+                for x, *_ in DataLoader(Subset(dataset, [indices[i] for i in rows]), batch_size=256):
+                    with self.autocast():
+                        feats.append(self.extractor(x.to(self.device)).float())
+            return torch.cat(feats)
+
+        return distributed.gather_rows(extract, len(indices), self.device)
 
     def _batches(self, dataset, indices, seed: int):
         """Endless shuffled batches of frozen features (a seeded permutation per epoch): extracted
@@ -249,6 +261,7 @@ class Strategy(ClipStrategy):
             batches, per_epoch = self._batches(dataset, indices, seed)
             fit_autoencoder(ae, batches, iterations=iterations, lr=d.lr, weight_decay=d.weight_decay,
                             steps_per_epoch=per_epoch, decay=d.lr_decay, decay_every=d.lr_decay_epochs)
+        distributed.broadcast_module(ae)  # torchrun: rank 0's autoencoder, bit for bit, on every rank
         return ae
 
     def _fit_ddas(self, index: int, dataset) -> None:
@@ -350,6 +363,11 @@ class Strategy(ClipStrategy):
                 return logits
             out = logits if out is None else torch.where((routes == r).to(logits.device)[:, None], logits, out)
         return out
+
+    def reduce_eval_records(self) -> None:
+        """torchrun: this row's DDAS choice counts summed over the ranks' test shards."""
+        distributed.reduce_row_counts(self.records, self.trained_count - 1, len(self.tasks), len(self.tasks) + 1,
+                                      self.device)
 
     def _record(self, col: int, dec: torch.Tensor) -> None:
         key = (self.trained_count - 1, col)

@@ -25,7 +25,7 @@ class Params(StrategyParams):
     towers: list[Literal["image", "text"]] = Field(["image"], min_length=1)
 
 
-class ReplayPlugin(SupervisedPlugin, StatefulPlugin):
+class ReplayPlugin(SupervisedPlugin, StatefulPlugin, supports_distributed=True):  # docs/distributed.md
     def __init__(self, params: Params):
         super().__init__()
         self.p = params

@@ -15,9 +15,9 @@ from typing import Iterable
 import torch
 from avalanche.training.templates import SupervisedTemplate
 from torch import nn
-from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
+from lifelong_moe import distributed
 from lifelong_moe.config import RunConfig, Strict
 from lifelong_moe.device import autocast, full_precision, grad_scaler
 
@@ -59,6 +59,7 @@ class ContinualTemplate(SupervisedTemplate):
         self._bar = None
         self._budget: int | None = None
         self._steps_in_exp = 0
+        self._global_loss: float | None = None  # data-parallel: the loss over all ranks' samples
         self.device = torch.device(device)  # Avalanche sets it again; setup needs it first
         model.to(self.device)  # before setup: what it injects or creates follows the model's device
         original = {id(p) for p in model.parameters()}
@@ -104,16 +105,16 @@ class ContinualTemplate(SupervisedTemplate):
     def _before_training_exp(self, **kwargs):
         task = self.experience.task_info
         self.experience_index = task.index
-        torch.manual_seed(self.cfg.seed * 100003 + task.index)  # dropout/noise: a function of (seed, exp)
+        torch.manual_seed(self.cfg.seed * 100003 + task.index + 7919 * distributed.rank())  # dropout/noise
+        distributed.broadcast_tensors([p.data for p in self.model.parameters() if p.requires_grad])  # rank 0's start
         self.begin_experience(task)
         self._stop_training = False
         super()._before_training_exp(**kwargs)
 
     def make_train_dataloader(self, num_workers=0, **kwargs):
         g = torch.Generator().manual_seed(self.cfg.seed * 7919 + self.experience_index)
-        self.dataloader = DataLoader(self.adapted_dataset, batch_size=self.train_mb_size, shuffle=True,
-                                     generator=g, num_workers=num_workers, drop_last=False,
-                                     pin_memory=self.device.type == "cuda")
+        self.dataloader = distributed.train_loader(self.adapted_dataset, self.train_mb_size, g,
+                                                   num_workers=num_workers, pin_memory=self.device.type == "cuda")
         per_epoch = max(1, len(self.dataloader))
         it = self.cfg.training.iterations
         self._budget = it if it else per_epoch * self.cfg.training.epochs
@@ -148,6 +149,9 @@ class ContinualTemplate(SupervisedTemplate):
 
     def backward(self):
         self.scaler.scale(self.loss).backward(retain_graph=self.retain_graph)  # fp16: scaled loss
+        if distributed.active():  # mean gradient over the ranks' slices of the global batch
+            params = [p for p in self.model.parameters() if p.requires_grad]
+            self._global_loss = distributed.average_gradients(params, self.loss, len(self.mbatch[0]))
 
     def training_epoch(self, **kwargs):
         if self._steps_in_exp >= self._budget:
@@ -161,12 +165,13 @@ class ContinualTemplate(SupervisedTemplate):
         self.scaler.update()
         self.scheduler.step()
         self._steps_in_exp += 1
+        loss = self.loss.item() if self._global_loss is None else self._global_loss
         if self._steps_in_exp % self.cfg.training.log_every == 0 or self._steps_in_exp == self._budget:
             self.step_log.append({"experience": self.experience_index, "step": self._steps_in_exp,
-                                  "loss": round(self.loss.item(), 6), "lr": lr})
+                                  "loss": round(loss, 6), "lr": lr})
         if self._bar is not None:
             self._bar.update(1)
-            self._bar.set_postfix(loss=f"{self.loss.item():.3f}")
+            self._bar.set_postfix(loss=f"{loss:.3f}")
         if self._steps_in_exp >= self._budget:
             self.stop_training()
 

@@ -26,7 +26,7 @@ class Params(LoraParams):
     temperature: float = Field(2.0, gt=0)
 
 
-class AnswerLwFPlugin(SupervisedPlugin, StatefulPlugin):
+class AnswerLwFPlugin(SupervisedPlugin, StatefulPlugin, supports_distributed=True):  # docs/distributed.md
     def __init__(self, alpha: float, temperature: float):
         super().__init__()
         self.alpha, self.t = alpha, temperature
