@@ -38,3 +38,37 @@ def world_records(vlm, n: int, seed: int = 0, text_loc: bool = False) -> list[Ed
         out.append(EditRecord(src=q[i], alt=alt, image=img[i], pred=truth[i], rephrase=q2[i], image_rephrase=img2[i],
                               loc=tq, loc_ans=ta, m_loc=loc_img[i], m_loc_q=lq[i], m_loc_a=la[i]))
     return out
+
+
+def write_record_file(root, n: int, seed: int = 0, name: str = "eval.json") -> list[dict]:
+    """An E-VQA-style JSON file of ``n`` records with PNG images under ``root/images`` (paths relative
+    to ``root``, as EasyEdit's files name COCO images under an image root); returns the records."""
+    import json
+    from pathlib import Path
+
+    from PIL import Image
+
+    root = Path(root)
+    (root / "images").mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    scenes = sample_for("color", n, rng)
+    imgs, imgs2 = render(scenes, rng, glyph_split="test"), render(scenes, rng, glyph_split="test")
+    q, truth = make_questions(scenes, "color", rng)
+    q2, _ = make_questions(scenes, "color", rng)
+    loc_scenes = sample_for("location", n, rng)
+    loc_imgs = render(loc_scenes, rng, glyph_split="test")
+    lq, la = make_questions(loc_scenes, "location", rng)
+    colors = answer_space("color")
+    records = []
+    for i in range(n):
+        paths = []
+        for kind, arr in (("img", imgs), ("rephrase", imgs2), ("loc", loc_imgs)):
+            rel = f"images/{kind}_{seed}_{i}.png"
+            Image.fromarray(np.ascontiguousarray(arr[i].transpose(1, 2, 0))).save(root / rel)
+            paths.append(rel)
+        alt = colors[(colors.index(truth[i]) + 1 + i) % len(colors)]
+        records.append({"src": q[i], "pred": truth[i], "rephrase": q2[i], "alt": alt, "image": paths[0],
+                        "image_rephrase": paths[1], "loc": "", "loc_ans": "", "m_loc": paths[2], "m_loc_q": lq[i],
+                        "m_loc_a": la[i]})
+    (root / name).write_text(json.dumps(records))
+    return records

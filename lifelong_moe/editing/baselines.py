@@ -172,7 +172,7 @@ class LoraEdit(_WeightEditing):
 class RetrievalParams(_Params):
     name: Literal["retrieval"] = "retrieval"
     layer: int = -1  # hidden-state index (transformers' hidden_states; -1: the last layer)
-    threshold: float = Field(0.9, ge=-1, le=1)  # cosine similarity an input needs to take a stored answer
+    threshold: float = Field(0.97, ge=-1, le=1)  # cosine similarity an input needs to take a stored answer
 
 
 class Retrieval:

@@ -229,7 +229,7 @@ class Editor:
                 t = time.perf_counter()
                 self._apply([rec])
                 edit_s += time.perf_counter() - t
-                per.append(M.score(self.vlm, [rec], pre.only(i), batch_size, max_new_tokens, generate))
+                per.append(M.score(self.vlm, [rec], pre.window(i, i + 1), batch_size, max_new_tokens, generate))
                 self._restore(snap)
             scores = _merge(per)
         return {"protocol": "sequential" if sequential else "single", "edits": len(recs), "edit_ids": ids,

@@ -7,8 +7,8 @@
 - ``text_locality`` (locality_acc): the text-only question ``loc`` -> the PRE-edit model's output;
 - ``image_locality`` (multimodal_locality_acc): ``m_loc`` image + ``m_loc_q`` -> the pre-edit output.
 
-Each is scored twice: ``token_acc``, teacher-forced token accuracy over the answer tokens and the
-closing EOS (for locality: agreement of the argmax with the pre-edit argmax at the positions of
+Each is scored twice: ``token_acc``, teacher-forced token accuracy over the answer's tokens (not the
+closing EOS; for locality: agreement of the argmax with the pre-edit argmax at the positions of
 ``loc_ans`` / ``m_loc_a``, LiveEdit's rule, not EasyEdit's top-10 variant), and ``exact_match``, the
 greedy generated answer equal to ``alt`` (for locality: equal to the pre-edit generated answer).
 Pre-edit outputs are cached before the edits are applied (EasyEdit#643). Records lacking a field
@@ -82,7 +82,8 @@ def _pixels(items: Sequence[Probe], idx: list[int], has_image: bool):
 
 @torch.no_grad()
 def answer_tokens(vlm, items: Sequence[Probe], batch_size: int = 64) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """Per probe ``(teacher-forced argmax, reference tokens)`` over its answer tokens and EOS."""
+    """Per probe ``(teacher-forced argmax, reference tokens)`` over its answer tokens (the closing EOS
+    left out, as LiveEdit's and EasyEdit's label masks cover the target's tokens only)."""
     out: list = [None] * len(items)
     for idx, has_image in _groups(items, batch_size):
         batch = vlm.batch(_pixels(items, idx, has_image), [items[i].question for i in idx],
@@ -90,8 +91,8 @@ def answer_tokens(vlm, items: Sequence[Probe], batch_size: int = 64) -> list[tup
         logits = vlm.logits(batch)
         pred, y = logits[:, :-1].argmax(-1).cpu(), batch.labels[:, 1:].cpu()
         for row, i in enumerate(idx):
-            m = y[row] != IGNORE
-            out[i] = (pred[row][m], y[row][m])
+            at = (y[row] != IGNORE).nonzero().flatten()[:-1]  # the answer's tokens, not the closing EOS
+            out[i] = (pred[row][at], y[row][at])
     return out
 
 
@@ -116,10 +117,12 @@ class PreEdit:
     tokens: dict[str, dict[int, torch.Tensor]]
     texts: dict[str, dict[int, str]]
 
-    def only(self, i: int) -> "PreEdit":
-        """The entries of record ``i``, as record 0 (to score that record alone)."""
-        return PreEdit({m: {0: v[i]} if i in v else {} for m, v in self.tokens.items()},
-                       {m: {0: v[i]} if i in v else {} for m, v in self.texts.items()})
+    def window(self, start: int, stop: int) -> "PreEdit":
+        """The entries of records ``start..stop-1``, re-indexed from 0 (to score those records alone)."""
+        def cut(d):
+            return {m: {i - start: x for i, x in v.items() if start <= i < stop} for m, v in d.items()}
+
+        return PreEdit(cut(self.tokens), cut(self.texts))
 
 
 def usable(vlm, items: dict[str, list[Probe]]) -> dict[str, list[Probe]]:
