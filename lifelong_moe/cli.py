@@ -200,6 +200,9 @@ def cmd_list(a) -> int:
     print("            vlm: shipped " + ", ".join(shipped_vlm_names()) + " (pretrained: synthetic); any LLaVA "
           "hub id or local save_pretrained directory")
     print("metrics:    " + ", ".join(metrics.METRICS))
+    from .editing.registry import EDIT_METHODS
+
+    print("editing:    " + ", ".join(EDIT_METHODS) + " (lifelong-moe edit; docs/editing.md)")
     return 0
 
 

@@ -188,3 +188,16 @@ def test_from_config_and_unknown_methods(base_vlm):
                                                                                         "threshold": 0.5},
                                  "runtime": {"device": "cpu"}})
     assert editor.method.params.threshold == 0.5 and editor.backbone_config["name"] == "lmoe-tiny-llava"
+
+
+def test_text_only_prompts_answer_and_count_for_text_locality(vlm):
+    from lifelong_moe.editing.metrics import text_only_supported
+
+    if not text_only_supported(vlm):
+        pytest.skip("the VLM has no text-only path yet (vlm.batch(None, ...) comes with the liveedit branch)")
+    recs = world_records(vlm, 4, seed=5, text_loc=True)
+    editor = Editor(vlm, "retrieval", threshold=0.999)
+    before = editor.answer(None, recs[0].loc)
+    res = editor.evaluate(recs)
+    assert res["n"]["text_locality"] == 4 and res["metrics"]["text_locality.token_acc"] == 1.0
+    assert editor.answer(None, recs[0].loc) == before

@@ -89,7 +89,6 @@ class Editor:
     def from_config(cls, config: str | Path | Mapping, overrides: Sequence[str] = (), *,
                     variant: str | None = None) -> "Editor":
         """From an edit YAML (or mapping): ``backbone``, ``method``, ``seed``, ``runtime`` are used."""
-        from ..runner import seed_everything
         from .config import load_edit_config
 
         cfgs = load_edit_config(dict(config) if isinstance(config, Mapping) else config, list(overrides),
