@@ -103,8 +103,21 @@ def cmd_edit(a) -> int:
             for cfg in configs]
     for cfg, out in zip(configs, outs):  # refuse before any variant starts writing
         RunDir(out).check_start(cfg, resume=False, overwrite=a.overwrite)
-    for cfg, out in zip(configs, outs):
-        run_edit(cfg, out, overwrite=a.overwrite, progress=not a.quiet, log=(lambda *_: None) if a.quiet else print)
+    jobs = a.jobs if a.jobs is not None else configs[0].runtime.jobs
+    if jobs < 1:
+        raise UserError(f"--jobs must be at least 1, got {jobs}")
+    if jobs > 1 and len(configs) > 1:  # one process per variant, `jobs` at a time
+        import multiprocessing
+        from concurrent.futures import ProcessPoolExecutor
+
+        overrides = list(a.overrides) + list(a.set or [])
+        with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
+            for f in [pool.submit(_edit_variant, a.config, overrides, cfg.name.rsplit("/", 1)[-1], str(out), a.overwrite,
+                                  a.quiet) for cfg, out in zip(configs, outs)]:
+                f.result()
+    else:
+        for cfg, out in zip(configs, outs):
+            run_edit(cfg, out, overwrite=a.overwrite, progress=not a.quiet, log=(lambda *_: None) if a.quiet else print)
     records = [(r["name"], r["extra"]["edit_table"]) for r in (load_record(o) for o in outs)]
     print()
     print(format_table(records, "token_acc"))
@@ -120,6 +133,16 @@ def cmd_edit(a) -> int:
         except UserError as e:
             print(f"\nno comparison plots: {e}")
     return 0
+
+
+def _edit_variant(config: str, overrides: list[str], variant: str, out: str, overwrite: bool, quiet: bool) -> None:
+    """One variant of an edit config, in a worker process (``lifelong-moe edit -j N``)."""
+    from .edit_runner import run_edit
+    from .editing.config import load_edit_config
+
+    cfg = load_edit_config(config, overrides, only=[variant])[0]
+    run_edit(cfg, out, overwrite=overwrite, progress=not quiet, log=(lambda *_: None) if quiet else
+             (lambda *x: print(*x, flush=True)))
 
 
 def cmd_compare(a) -> int:
@@ -228,6 +251,7 @@ def parser() -> argparse.ArgumentParser:
     e.add_argument("-o", "--output", help="results directory (default: output.dir of the config)")
     e.add_argument("--overwrite", action="store_true", help="replace an existing run in the output directory")
     e.add_argument("--only", help="comma-separated variant names to run")
+    e.add_argument("-j", "--jobs", type=int, help="variants run at once, one process each (default: runtime.jobs)")
     e.add_argument("-q", "--quiet", action="store_true", help="no per-step logs")
     e.set_defaults(fn=cmd_edit)
     c = sub.add_parser("compare", help="plots and a metrics table for several runs")

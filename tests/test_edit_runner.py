@@ -63,3 +63,26 @@ def test_bad_configs_fail_with_one_error_before_writing(config, tmp_path, capsys
     err = capsys.readouterr().err
     assert err.startswith("error: ") and message in err and len(err.strip().splitlines()) == 1
     assert not (out / "results.json").exists()
+
+
+def test_variants_run_in_parallel_processes_and_are_compared(config, tmp_path, capsys):
+    text = config.read_text().replace("evaluation: {edit_counts: [1, 4, 8], max_chunks: 2, matrix_chunks: 4",
+                                      "evaluation: {edit_counts: [2, 4], max_chunks: 1, matrix_chunks: 2")
+    config.write_text(text + "variants:\n  - {name: exact, method: {name: retrieval, threshold: 0.999}}\n"
+                             "  - {name: loose, method: {name: retrieval, threshold: -1.0}}\n")
+    out = tmp_path / "runs"
+    assert main(["edit", str(config), "-o", str(out), "-j", "2", "-q"]) == 0
+    assert "plots and tables" in capsys.readouterr().out and (out / "compare").is_dir()
+    exact, loose = (json.loads((out / v / "results.json").read_text()) for v in ("exact", "loose"))
+    assert exact["name"] == "tiny_edit/exact" and exact["extra"]["edit_table"]["4"]["reliability.token_acc"] == 1.0
+    # threshold -1: every input takes some stored answer, so the unrelated locality questions change
+    assert loose["extra"]["edit_table"]["4"]["image_locality.exact_match"] < 1.0
+
+
+def test_bench_edit_reports_the_three_costs(capsys):
+    assert main(["bench", "edit", "--random-init", "--edits", "40", "--real", "4", "--batch", "4", "--repeats", "1",
+                 "--threads", "1", "--json"]) == 0
+    r = json.loads(capsys.readouterr().out)
+    assert r["setup"]["edits"] == 40 and r["answer_ratio_stored_vs_none"] > 0 and r["edit_s"] > 0
+    assert r["method_bytes_per_edit"] > 0 and r["store_bytes_per_edit"] > r["method_bytes_per_edit"]
+    assert main(["bench", "edit", "--edits", "0"]) == 2
