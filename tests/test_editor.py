@@ -201,3 +201,15 @@ def test_text_only_prompts_answer_and_count_for_text_locality(vlm):
     res = editor.evaluate(recs)
     assert res["n"]["text_locality"] == 4 and res["metrics"]["text_locality.token_acc"] == 1.0
     assert editor.answer(None, recs[0].loc) == before
+
+
+def test_a_store_reloads_onto_the_backbone_its_config_names(recs, tmp_path):
+    cfg = {"seed": 3, "backbone": {"name": "lmoe-tiny-llava"}, "method": {"name": "retrieval", "threshold": 0.999},
+           "runtime": {"device": "cpu"}}
+    editor = Editor.from_config(cfg)
+    editor.edit_batch(recs[:2])
+    want = editor.answer([r.image for r in recs], [r.src for r in recs])
+    editor.save(tmp_path / "s")
+    back = Editor.load(tmp_path / "s")  # rebuilt from the recorded config and seed, fingerprint checked
+    assert back.answer([r.image for r in recs], [r.src for r in recs]) == want
+    assert back.fingerprint == editor.fingerprint and [e["id"] for e in back.edits] == ["edit-000001", "edit-000002"]

@@ -26,9 +26,10 @@ from .store import EditStore, backbone_fingerprint, check_compatible, read_index
 from .types import EditMethod, EditRecord
 
 
-def build_vlm(backbone: Any, device: str | torch.device | None = None):
+def build_vlm(backbone: Any, device: str | torch.device | None = None, seed: int = 0):
     """A VisionLanguageModel from an instance, a backbone config mapping, or a name (a shipped tiny
-    VLM defaults to its synthetic pretraining); returns ``(vlm, config dict or None)``."""
+    VLM defaults to its synthetic pretraining); returns ``(vlm, config dict or None)``. A randomly
+    initialised model is drawn from ``seed`` (so a saved store can rebuild it)."""
     from ..vlm import VisionLanguageModel
 
     if isinstance(backbone, VisionLanguageModel):
@@ -49,8 +50,10 @@ def build_vlm(backbone: Any, device: str | torch.device | None = None):
         cfg = EditBackboneConfig.model_validate(dict(backbone))
     except ValidationError as e:
         raise UserError(format_validation_error(e, prefix="backbone")) from None
-    vlm = VisionLanguageModel.from_config(cfg.name, cfg.pretrained, pretrain=cfg.pretrain, download=cfg.download,
-                                          prompt_template=cfg.prompt_template, progress=False)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        vlm = VisionLanguageModel.from_config(cfg.name, cfg.pretrained, pretrain=cfg.pretrain, download=cfg.download,
+                                              prompt_template=cfg.prompt_template, progress=False)
     if device is not None:
         vlm.to(device)
     return vlm, cfg.model_dump(mode="json")
@@ -65,7 +68,7 @@ class Editor:
 
     def __init__(self, backbone: Any, method: str | EditMethod = "liveedit", *, seed: int = 0,
                  device: str | torch.device | None = None, **params):
-        self.vlm, self.backbone_config = build_vlm(backbone, device)
+        self.vlm, self.backbone_config = build_vlm(backbone, device, seed)
         self.seed = seed
         if isinstance(method, str):
             self.method = build_method(method, params)
@@ -82,7 +85,8 @@ class Editor:
 
     def _header(self) -> dict:
         return {"method": self.method.name, "method_config": self.method.config(),
-                "backbone": {"name": self.vlm.name, "config": self.backbone_config, "fingerprint": self.fingerprint}}
+                "backbone": {"name": self.vlm.name, "config": self.backbone_config, "fingerprint": self.fingerprint,
+                             "seed": self.seed}}
 
     # ------------------------------------------------------------------ construction
     @classmethod
@@ -251,7 +255,8 @@ class Editor:
             if backbone is None:
                 raise UserError(f"edit store {d} was saved from a backbone object; pass it: Editor.load(dir, backbone=vlm)")
         name = index["method"]
-        editor = cls(backbone, build_method(name, validate_method(name, index["method_config"])), device=device)
+        editor = cls(backbone, build_method(name, validate_method(name, index["method_config"])), device=device,
+                     seed=int(index["backbone"].get("seed", 0)))
         check_compatible(index, editor._header(), d)
         store, state = EditStore.load(d)
         editor.store = store
