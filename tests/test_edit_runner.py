@@ -86,3 +86,18 @@ def test_bench_edit_reports_the_three_costs(capsys):
     assert r["setup"]["edits"] == 40 and r["answer_ratio_stored_vs_none"] > 0 and r["edit_s"] > 0
     assert r["method_bytes_per_edit"] > 0 and r["store_bytes_per_edit"] > r["method_bytes_per_edit"]
     assert main(["bench", "edit", "--edits", "0"]) == 2
+
+
+def test_the_shipped_edit_configs_validate():
+    from conftest import CONFIGS
+    from lifelong_moe.editing.config import load_edit_config
+
+    import importlib.util
+
+    import yaml
+
+    live = importlib.util.find_spec("lifelong_moe.strategies.liveedit") is not None  # merged from its branch
+    for path in sorted(CONFIGS.glob("edit_*.yaml")):
+        only = [v["name"] for v in yaml.safe_load(path.read_text())["variants"] if live or v["name"] != "liveedit"]
+        cfgs = load_edit_config(path, only=only)
+        assert cfgs and all(c.evaluation.edit_counts == [1, 10, 100, 1000] for c in cfgs), path
