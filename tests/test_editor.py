@@ -213,3 +213,24 @@ def test_a_store_reloads_onto_the_backbone_its_config_names(recs, tmp_path):
     back = Editor.load(tmp_path / "s")  # rebuilt from the recorded config and seed, fingerprint checked
     assert back.answer([r.image for r in recs], [r.src for r in recs]) == want
     assert back.fingerprint == editor.fingerprint and [e["id"] for e in back.edits] == ["edit-000001", "edit-000002"]
+
+
+def test_a_batch_that_fails_midway_is_rolled_back(vlm, recs):
+    editor = Editor(vlm, "ft", steps=2, lr=1e-2)
+    first = editor.edit(image=recs[0].image, prompt=recs[0].src, target=recs[0].alt)
+    weights = editor.method.state_dict()
+    real, calls = editor.method.make_edit, []
+
+    def flaky(record):
+        calls.append(record)
+        if len(calls) == 2:
+            raise RuntimeError("out of memory")
+        return real(record)
+
+    editor.method.make_edit = flaky
+    with pytest.raises(RuntimeError, match="out of memory"):
+        editor.edit_batch(recs[1:4])
+    assert [e["id"] for e in editor.edits] == [first] and len(editor.store.log) == 1
+    assert all(torch.equal(v, editor.method.state_dict()[k]) for k, v in weights.items())  # the first batch edit undone
+    editor.method.make_edit = real
+    assert editor.edit(image=recs[1].image, prompt=recs[1].src, target=recs[1].alt) == "edit-000002"

@@ -179,15 +179,19 @@ class Editor:
                  "image": "image" in e.images, "meta": e.meta} for e in self.store.active]
 
     def _snapshot(self):
+        """What undoing later changes needs. A method that deletes single edits keeps them in their own
+        tensors, so its learned state does not change with edits and is not copied."""
         s = self.store
-        return (list(s.history), set(s.deleted), len(s.log), s.next_index, self.method.state_dict())
+        state = None if self.method.supports_delete else self.method.state_dict()
+        return (list(s.history), set(s.deleted), len(s.log), s.next_index, state)
 
     def _restore(self, snap) -> None:
         keys, deleted, n_log, nxt, state = snap
         s = self.store
         s.history = {k: s.history[k] for k in keys}
         s.deleted, s.log, s.next_index = set(deleted), s.log[:n_log], nxt
-        self.method.load_state_dict(state)
+        if state is not None:
+            self.method.load_state_dict(state)
         self.method.set_edits(s.method_view())
 
     # ------------------------------------------------------------------ answering
