@@ -234,3 +234,24 @@ def test_a_batch_that_fails_midway_is_rolled_back(vlm, recs):
     assert all(torch.equal(v, editor.method.state_dict()[k]) for k, v in weights.items())  # the first batch edit undone
     editor.method.make_edit = real
     assert editor.edit(image=recs[1].image, prompt=recs[1].src, target=recs[1].alt) == "edit-000002"
+
+
+@pytest.mark.parametrize("method", ["ft", "lora"])
+def test_reusing_the_image_features_across_steps_changes_no_weight(vlm, recs, method, monkeypatch):
+    import contextlib
+
+    import lifelong_moe.editing.baselines as B
+
+    other = copy.deepcopy(vlm)
+    fast = Editor(vlm, method, steps=3, lr=1e-2)
+    calls = []
+    vlm.model.model.vision_tower.register_forward_hook(lambda *_: calls.append(1))
+    fast.edit_batch(recs[:2])
+    assert len(calls) == 2  # once per edit, not once per step
+    monkeypatch.setattr(B, "frozen_image_features", lambda vlm: contextlib.nullcontext())
+    plain = Editor(other, method, steps=3, lr=1e-2)
+    plain.edit_batch(recs[:2])
+    a, b = fast.method.state_dict(), plain.method.state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert not all(torch.equal(a[k], v) for k, v in fast.method._initial.items())  # they did train
+    assert "get_image_features" not in vlm.model.model.__dict__  # the real method is back

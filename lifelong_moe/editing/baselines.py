@@ -15,6 +15,7 @@ tuned weights, an empty store restores the initial weights, and single edits can
 """
 from __future__ import annotations
 
+from contextlib import contextmanager
 from types import SimpleNamespace
 from typing import Literal, Mapping, Optional, Sequence
 
@@ -52,6 +53,30 @@ def _one(vlm, record: EditRecord):
 
 
 # ----------------------------------------------------------------------------------------- FT / LoRA
+@contextmanager
+def frozen_image_features(vlm):
+    """Within the block, LLaVA's image features are computed once and reused: the vision tower and
+    projector are frozen and the edit's image does not change between steps (same values, less work)."""
+    inner = getattr(vlm.model, "model", None)
+    real = getattr(inner, "get_image_features", None)
+    if real is None:
+        yield
+        return
+    cache = {}
+
+    def once(*args, **kwargs):
+        if "out" not in cache:
+            with torch.no_grad():
+                cache["out"] = real(*args, **kwargs)
+        return cache["out"]
+
+    inner.get_image_features = once
+    try:
+        yield
+    finally:
+        del inner.get_image_features
+
+
 class FTParams(_Params):
     name: Literal["ft"] = "ft"
     layer: Optional[int] = None  # None: round(2/3 * depth)
@@ -103,7 +128,7 @@ class _WeightEditing:
         params = list(self._trainable().values())
         batch = _one(self.vlm, record)
         opt = torch.optim.Adam(params, lr=self.params.lr)
-        with torch.enable_grad():
+        with torch.enable_grad(), frozen_image_features(self.vlm):
             for p in params:
                 p.requires_grad_(True)
             try:
