@@ -255,3 +255,15 @@ def test_reusing_the_image_features_across_steps_changes_no_weight(vlm, recs, me
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert not all(torch.equal(a[k], v) for k, v in fast.method._initial.items())  # they did train
     assert "get_image_features" not in vlm.model.model.__dict__  # the real method is back
+
+
+def test_retrieval_generation_in_one_pass_answers_as_with_a_separate_feature_pass(vlm, recs):
+    x, qs = torch.stack([r.image for r in recs]), [r.src for r in recs]
+    before = vlm.generate(x, qs, 4)
+    editor = Editor(vlm, "retrieval", threshold=0.999)
+    editor.edit_batch(recs[:3])
+    one_pass = editor.vlm.generate(x, qs, 4)  # layer -1: feature read from generation's own prefill
+    assert one_pass[:3] == [r.alt for r in recs[:3]] and one_pass[3:] == before[3:]
+    n = len(editor.vlm.decoder_layers)  # hidden state n is hidden state -1, read by a forward pass of its own
+    editor.method.params = editor.method.params.model_copy(update={"layer": n})
+    assert editor.vlm.generate(x, qs, 4) == one_pass

@@ -263,6 +263,8 @@ class Retrieval:
     def _generate_ids(self, pixel_values, questions, max_new_tokens: int = 8):
         if not self.answers:
             return self._orig_generate_ids(pixel_values, questions, max_new_tokens)
+        if self.params.layer == -1:
+            return self._generate_in_one_pass(pixel_values, questions, max_new_tokens)
         _, feats, _ = self._forward(self.vlm.batch(pixel_values, questions, padding_side="left"))
         matched, idx = self._match(feats)
         rows: list = [None] * len(questions)
@@ -279,6 +281,39 @@ class Retrieval:
         for i, r in enumerate(rows):
             out[i, :len(r)] = r
         return out
+
+    def _generate_in_one_pass(self, pixel_values, questions, max_new_tokens: int):
+        """Generation that reads the feature from its own prefill (the LLM's last hidden state at the
+        prompt's last token, left padding) and forces the stored answer's tokens, then EOS, on matched
+        rows at the LM head: no extra forward."""
+        state: dict = {}
+
+        def read_feature(module, args, out):
+            if "rows" not in state:  # the prefill: every prompt token at once
+                feats = torch.nn.functional.normalize(out.last_hidden_state[:, -1].float(), dim=-1)
+                matched, idx = self._match(feats)
+                state["rows"] = {r: self.answers[int(idx[r])] for r in matched.nonzero().flatten().tolist()}
+                state["step"] = 0
+
+        def force_answers(module, args, out):
+            k = state["step"]
+            state["step"] = k + 1
+            if not state["rows"]:
+                return out
+            out = out.clone()
+            for r, ans in state["rows"].items():
+                tok = int(ans[k]) if k < len(ans) else self.vlm.eos_token_id
+                out[r, -1] = -1e4
+                out[r, -1, tok] = 1e4
+            return out
+
+        hooks = [self.vlm.language_model.register_forward_hook(read_feature),
+                 self.vlm.model.get_output_embeddings().register_forward_hook(force_answers)]
+        try:
+            return self._orig_generate_ids(pixel_values, questions, max_new_tokens)
+        finally:
+            for h in hooks:
+                h.remove()
 
     # ------------------------------------------------------------------ the protocol
     @torch.no_grad()
