@@ -245,7 +245,7 @@ def parser() -> argparse.ArgumentParser:
     r.add_argument("-q", "--quiet", action="store_true", help="no progress bars or per-row logs")
     r.set_defaults(fn=cmd_run)
     e = sub.add_parser("edit", help="a lifelong knowledge-editing benchmark from a YAML config (docs/editing.md)")
-    e.add_argument("config")
+    e.add_argument("config", help="edit YAML: backbone, method, data, evaluation (configs/edit_quickstart.yaml)")
     e.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. method.threshold=0.8")
     e.add_argument("--set", action="append", metavar="KEY=VALUE", help="an override (repeatable)")
     e.add_argument("-o", "--output", help="results directory (default: output.dir of the config)")
