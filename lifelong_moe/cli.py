@@ -1,4 +1,4 @@
-"""``lifelong-moe`` command line: run, compare, metrics, pretrain, list."""
+"""``lifelong-moe`` command line: run, edit, compare, metrics, pretrain, bench, list."""
 from __future__ import annotations
 
 import argparse
@@ -54,6 +54,61 @@ def cmd_run(a) -> int:
             except UserError as e:  # e.g. variants on different streams: the runs themselves are fine
                 print(f"\nno comparison plots: {e}")
     return 0
+
+
+def cmd_edit(a) -> int:
+    """A lifelong knowledge-editing benchmark (:mod:`.edit_runner`)."""
+    from .edit_runner import format_table, output_dir, run_edit
+    from .editing.config import load_edit_config
+    from .results import RunDir, load_record
+
+    only = [w.strip() for w in a.only.split(",") if w.strip()] if a.only else None
+    configs = load_edit_config(a.config, list(a.overrides) + list(a.set or []), only=only)
+    multi = len(configs) > 1 or "/" in configs[0].name
+    outs = [Path(a.output) / cfg.name.rsplit("/", 1)[-1] if (a.output and multi) else output_dir(cfg, a.output)
+            for cfg in configs]
+    for cfg, out in zip(configs, outs):  # refuse before any variant starts writing
+        RunDir(out).check_start(cfg, resume=False, overwrite=a.overwrite)
+    jobs = a.jobs if a.jobs is not None else configs[0].runtime.jobs
+    if jobs < 1:
+        raise UserError(f"--jobs must be at least 1, got {jobs}")
+    if jobs > 1 and len(configs) > 1:  # one process per variant, `jobs` at a time
+        import multiprocessing
+        from concurrent.futures import ProcessPoolExecutor
+
+        overrides = list(a.overrides) + list(a.set or [])
+        with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
+            for f in [pool.submit(_edit_variant, a.config, overrides, cfg.name.rsplit("/", 1)[-1], str(out), a.overwrite,
+                                  a.quiet) for cfg, out in zip(configs, outs)]:
+                f.result()
+    else:
+        for cfg, out in zip(configs, outs):
+            run_edit(cfg, out, overwrite=a.overwrite, progress=not a.quiet, log=(lambda *_: None) if a.quiet else print)
+    records = [(r["name"], r["extra"]["edit_table"]) for r in (load_record(o) for o in outs)]
+    print()
+    print(format_table(records, "token_acc"))
+    print()
+    print(format_table(records, "exact_match"))
+    if len(outs) > 1:
+        from .compare import compare_runs
+
+        dest = Path(os.path.commonpath([str(o.resolve()) for o in outs])) / "compare"
+        try:
+            compare_runs(outs, dest)
+            print(f"\nplots and tables (reliability of edits as they accumulate): {dest}")
+        except UserError as e:
+            print(f"\nno comparison plots: {e}")
+    return 0
+
+
+def _edit_variant(config: str, overrides: list[str], variant: str, out: str, overwrite: bool, quiet: bool) -> None:
+    """One variant of an edit config, in a worker process (``lifelong-moe edit -j N``)."""
+    from .edit_runner import run_edit
+    from .editing.config import load_edit_config
+
+    cfg = load_edit_config(config, overrides, only=[variant])[0]
+    run_edit(cfg, out, overwrite=overwrite, progress=not quiet, log=(lambda *_: None) if quiet else
+             (lambda *x: print(*x, flush=True)))
 
 
 def cmd_compare(a) -> int:
@@ -133,6 +188,8 @@ def cmd_pretrain(a) -> int:
 def cmd_bench(a) -> int:
     if a.what == "cl_moe":
         from .bench_cl_moe import main as bench_main
+    elif a.what == "edit":
+        from .bench_edit import main as bench_main
     else:
         from .bench import main as bench_main
 
@@ -158,6 +215,9 @@ def cmd_list(a) -> int:
     print("            vlm: shipped " + ", ".join(shipped_vlm_names()) + " (pretrained: synthetic); any LLaVA "
           "hub id or local save_pretrained directory")
     print("metrics:    " + ", ".join(metrics.METRICS))
+    from .editing.registry import EDIT_METHODS
+
+    print("editing:    " + ", ".join(EDIT_METHODS) + " (lifelong-moe edit; docs/editing.md)")
     return 0
 
 
@@ -193,6 +253,16 @@ def parser() -> argparse.ArgumentParser:
                     "is cuda, else 0)")
     sw.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     sw.set_defaults(fn=cmd_sweep, overrides=[])
+    e = sub.add_parser("edit", help="a lifelong knowledge-editing benchmark from a YAML config (docs/editing.md)")
+    e.add_argument("config", help="edit YAML: backbone, method, data, evaluation (configs/edit_quickstart.yaml)")
+    e.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. method.threshold=0.8")
+    e.add_argument("--set", action="append", metavar="KEY=VALUE", help="an override (repeatable)")
+    e.add_argument("-o", "--output", help="results directory (default: output.dir of the config)")
+    e.add_argument("--overwrite", action="store_true", help="replace an existing run in the output directory")
+    e.add_argument("--only", help="comma-separated variant names to run")
+    e.add_argument("-j", "--jobs", type=int, help="variants run at once, one process each (default: runtime.jobs)")
+    e.add_argument("-q", "--quiet", action="store_true", help="no per-step logs")
+    e.set_defaults(fn=cmd_edit)
     c = sub.add_parser("compare", help="plots and a metrics table for several runs")
     c.add_argument("runs", nargs="+")
     c.add_argument("-o", "--output", required=True)
@@ -209,9 +279,9 @@ def parser() -> argparse.ArgumentParser:
     pt.add_argument("--cache-dir", help="cache root (default $LIFELONG_MOE_CACHE or ~/.cache/lifelong_moe)")
     pt.add_argument("-q", "--quiet", action="store_true")
     pt.set_defaults(fn=cmd_pretrain)
-    b = sub.add_parser("bench", help="cost benchmarks (moe: MoE-Adapters vs dense adapter and plain CLIP; cl_moe: CL-MoE vs one dense LoRA on the tiny VLM)",
+    b = sub.add_parser("bench", help="cost benchmarks (moe: MoE-Adapters vs dense adapter and plain CLIP; cl_moe: CL-MoE vs one dense LoRA on the tiny VLM; edit: answering with 10,000 stored edits, edit() cost, bytes per edit)",
                        add_help=False)
-    b.add_argument("what", choices=["moe", "cl_moe"])
+    b.add_argument("what", choices=["moe", "cl_moe", "edit"])
     b.add_argument("args", nargs=argparse.REMAINDER, help="options of python -m lifelong_moe.bench (--help)")
     b.set_defaults(fn=cmd_bench)
     sub.add_parser("list", help="known streams, datasets, backbones, strategies, metrics").set_defaults(fn=cmd_list)
@@ -222,7 +292,7 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     """Parse; ``run``'s ``key=value`` overrides may stand anywhere among its options."""
     p = parser()
     args, extra = p.parse_known_args(argv)
-    stray = [e for e in extra if e.startswith("-") or "=" not in e or args.command not in ("run", "pretrain", "bench", "sweep")]
+    stray = [e for e in extra if e.startswith("-") or "=" not in e or args.command not in ("run", "pretrain", "bench", "sweep", "edit")]
     if stray:
         p.error(f"unrecognized arguments: {' '.join(stray)}")
     if extra and args.command == "bench":

@@ -1,0 +1,214 @@
+"""``lifelong-moe edit``: a lifelong knowledge-editing benchmark from YAML into a results directory.
+
+Protocol (LiveEdit's ``evaluate_sequential_edit``, ``vllm_editor_eval.py:69-134``): the pre-edit
+model's locality outputs are cached once, before any edit; then for each edit count T the eval
+records are cut into consecutive chunks of T (a trailing partial chunk dropped, at most
+``evaluation.max_chunks``); per chunk the T edits are applied one after another, all T records are
+scored, and the model is restored (``Editor.reset``). Metrics are averaged over chunks, weighted by
+records.
+
+The results directory is the one ``run`` writes (:mod:`.results`): ``tasks`` are the
+``evaluation.matrix_chunks`` parts of the largest count's first chunk, the ``zero_shot`` row is the
+unedited model's reliability on each part, row i of ``matrix`` the reliability (teacher-forced token
+accuracy) on every part after parts 0..i were applied, so ``metrics`` / ``compare`` / plots read
+forgetting of edits as they read forgetting of tasks. ``edit_metrics.csv`` and
+``results.json["extra"]["edit_table"]`` hold the metrics per edit count.
+"""
+from __future__ import annotations
+
+import csv
+import io
+import time
+from pathlib import Path
+
+from . import results as R
+from .editing import metrics as EM
+from .editing.config import EditConfig
+from .errors import UserError
+from .io import write_text
+from .provenance import versions
+from .threads import torch_threads
+
+TABLE_COLUMNS = [f"{m}.{k}" for m in EM.METRICS for k in ("token_acc", "exact_match")]
+
+
+def output_dir(cfg: EditConfig, override: str | Path | None = None) -> Path:
+    return Path(override) if override else Path(cfg.output.dir.format(name=cfg.name))
+
+
+def load_data(cfg: EditConfig, vlm):
+    """``(train records, eval records)``; UserError on a missing or malformed source."""
+    d = cfg.data
+    if d.source == "synthetic":
+        try:
+            from .streams.edit_synthetic import edit_records
+        except ModuleNotFoundError:
+            raise UserError("data.source: synthetic needs streams/edit_synthetic.py (not in this installation); "
+                            "use data.source: json") from None
+        train = edit_records("train", d.train, seed=cfg.seed) if d.train else []
+        return train, edit_records("eval", d.eval, seed=cfg.seed)
+    from .editing.records import load_records
+
+    train = load_records(d.train_path, vlm, image_root=d.image_root, ignore_fields=d.ignore_fields) \
+        if d.train_path else []
+    if d.train and train:
+        train = train[:d.train]
+    return train, load_records(d.eval_path, vlm, image_root=d.image_root, limit=d.eval, ignore_fields=d.ignore_fields)
+
+
+def new_record(cfg: EditConfig, parts: list[tuple[int, int]], params: dict) -> dict:
+    return {"schema_version": R.SCHEMA_VERSION, "name": cfg.name, "strategy": cfg.method.name, "status": "running",
+            "seed": cfg.seed, "stream_kind": "edit", "metric_kind": "edit reliability (token accuracy)",
+            "versions": versions(), "tasks": [{"name": f"edits {a + 1}-{b}", "edits": b - a} for a, b in parts],
+            "zero_shot": None, "matrix": [], "metrics": {}, "params": params, "timings": {"experiences": []},
+            "extra": {}, "skipped_images": {}}
+
+
+def _weighted(rows: list[tuple[dict, int]]) -> dict:
+    """Record-weighted means of per-chunk metric summaries (None where no chunk had the metric)."""
+    out = {}
+    for key in TABLE_COLUMNS:
+        m = key.split(".")[0]
+        vals = [(s["metrics"][key], s["n"][m]) for s, _ in rows if s["metrics"][key] is not None and s["n"][m]]
+        n = sum(w for _, w in vals)
+        out[key] = sum(v * w for v, w in vals) / n if n else None
+    return out
+
+
+def table_csv(table: dict) -> str:
+    buf = io.StringIO()
+    w = csv.writer(buf)
+    w.writerow(["edits", "chunks"] + TABLE_COLUMNS + ["edit_s"])
+    for t, row in table.items():
+        w.writerow([t, row["chunks"]] + ["" if row[k] is None else f"{row[k]:.6f}" for k in TABLE_COLUMNS]
+                   + [f"{row['edit_s']:.6f}"])
+    return buf.getvalue()
+
+
+SHORT = {"reliability": "Rel", "text_generality": "T-Gen", "image_generality": "M-Gen", "text_locality": "T-Loc",
+         "image_locality": "M-Loc"}
+
+
+def format_table(rows: list[tuple[str, dict]], key: str = "token_acc") -> str:
+    """One line per (run, edit count): the five metrics in percent (``key``: token_acc or exact_match)."""
+    w = max([len(n) for n, _ in rows] + [6])
+    lines = [f"{'run':<{w}}  {'edits':>6}  " + "  ".join(f"{SHORT[m]:>6}" for m in EM.METRICS) + f"   ({key})"]
+    for name, table in rows:
+        for t, row in table.items():
+            cells = ["     -" if row[f"{m}.{key}"] is None else f"{100 * row[f'{m}.{key}']:6.1f}" for m in EM.METRICS]
+            lines.append(f"{name:<{w}}  {t:>6}  " + "  ".join(cells))
+    return "\n".join(lines)
+
+
+def run_edit(cfg: EditConfig, out: str | Path | None = None, *, overwrite: bool = False, progress: bool = True,
+             log=print) -> Path:
+    run_dir = R.RunDir(output_dir(cfg, out))
+    with torch_threads(cfg.runtime.threads), run_dir.releasing():
+        return _run(cfg, run_dir, overwrite=overwrite, log=log)
+
+
+def _run(cfg: EditConfig, run_dir: R.RunDir, *, overwrite: bool, log) -> Path:
+    from .editing.editor import Editor
+
+    run_dir.check_start(cfg, resume=False, overwrite=overwrite)  # raises before any write
+    t0 = time.perf_counter()
+    editor = Editor.from_edit_config(cfg)
+    train, evals = load_data(cfg, editor.vlm)
+    ev = cfg.evaluation
+    biggest = ev.edit_counts[-1]
+    if len(evals) < biggest:
+        raise UserError(f"evaluation.edit_counts: {biggest} edits need at least {biggest} eval records, "
+                        f"the data has {len(evals)}")
+    editor.records(evals)  # validate every record (e.g. images the method needs) before writing
+    run_dir.acquire(cfg, resume=False, overwrite=overwrite)
+    k = ev.matrix_chunks
+    bounds = [round(i * biggest / k) for i in range(k + 1)]
+    parts = list(zip(bounds[:-1], bounds[1:]))
+    record = new_record(cfg, parts, {"trainable": sum(v.numel() for v in editor.method.state_dict().values())})
+    record["timings"]["setup_s"] = round(time.perf_counter() - t0, 3)
+    R.record_runtime(record, str(editor.vlm.device), cfg.runtime.precision)
+    run_dir.start(cfg, record)
+    t = time.perf_counter()
+    fit_log = editor.fit(train) if train else {}
+    record["timings"]["fit_s"] = round(time.perf_counter() - t, 3)
+    bs, mnt = ev.batch_size, ev.max_new_tokens
+    t = time.perf_counter()
+    used = max(min(len(evals) // c, ev.max_chunks) * c for c in ev.edit_counts)
+    pre = EM.cache_pre_edit(editor.vlm, evals[:used], bs, mnt)  # the unedited model, once
+    record["timings"]["pre_edit_s"] = round(time.perf_counter() - t, 3)
+    part_recs = [evals[a:b] for a, b in parts]
+    record["zero_shot"] = [_reliability(editor, recs, bs) for recs in part_recs]
+    table, per_chunk = {}, {}
+    for count in ev.edit_counts:
+        chunks = min(len(evals) // count, ev.max_chunks)
+        rows, edit_s = [], 0.0
+        for c in range(chunks):
+            start = c * count
+            recs = evals[start:start + count]
+            editor.reset()
+            t = time.perf_counter()
+            if count == biggest and c == 0:  # the matrix: parts applied in turn, reliability on all after each
+                for i, (a, b) in enumerate(parts):
+                    te = time.perf_counter()
+                    editor.edit_batch(evals[a:b])
+                    train_s = time.perf_counter() - te
+                    te = time.perf_counter()
+                    row = [_reliability(editor, r, bs) for r in part_recs]
+                    record["matrix"].append(row)
+                    record["timings"]["experiences"].append({"train_s": round(train_s, 3),
+                                                             "eval_s": round(time.perf_counter() - te, 3)})
+                    log(f"[{cfg.name}] after edits 1-{b}: reliability " + " ".join(f"{v:.3f}" for v in row))
+                    run_dir.save_progress(record, _NoCheckpoint(), step_log=[])
+                    edit_s += train_s
+            else:
+                editor.edit_batch(recs)
+                edit_s += time.perf_counter() - t
+            s = EM.score(editor.vlm, recs, pre.window(start, start + count), bs, mnt)
+            rows.append(({"metrics": EM.summary(s), "n": {m: v["n"] for m, v in s.items()}}, count))
+        editor.reset()
+        table[str(count)] = {"chunks": chunks, "records": chunks * count, **_weighted(rows),
+                             "edit_s": edit_s / max(1, chunks * count)}
+        per_chunk[str(count)] = [r for r, _ in rows]
+        log(f"[{cfg.name}] {count} edits x {chunks} chunk(s): " + " ".join(
+            f"{SHORT[m]} {_pct(table[str(count)][f'{m}.token_acc'])}" for m in EM.METRICS))
+    record["timings"]["total_s"] = round(time.perf_counter() - t0, 3)
+    extra = {"edit_table": table, "edit_chunks": per_chunk, "fit": _jsonable(fit_log),
+             "protocol": {"edit_counts": ev.edit_counts, "max_chunks": ev.max_chunks, "matrix_chunks": k,
+                          "text_only_supported": EM.text_only_supported(editor.vlm),
+                          "metrics": "token_acc: teacher-forced token accuracy (answer tokens, EOS excluded; locality vs the "
+                                     "pre-edit argmax); exact_match: greedy generation equal to the target "
+                                     "(locality: to the pre-edit generation)"}}
+    write_text(run_dir.path / "edit_metrics.csv", table_csv(table))
+    run_dir.finish(record, extra)
+    return run_dir.path
+
+
+class _NoCheckpoint:
+    """The editing runner keeps no per-row checkpoints (a run restarts from scratch)."""
+
+    class cfg:
+        class output:
+            checkpoints = False
+
+
+def _reliability(editor, recs, batch_size: int) -> float:
+    probes = [EM.Probe(i, r.image, r.src, r.alt) for i, r in enumerate(recs)]
+    toks = EM.answer_tokens(editor.vlm, probes, batch_size)
+    return sum((p == y).float().mean().item() for p, y in toks) / len(toks)
+
+
+def _pct(v) -> str:
+    return "-" if v is None else f"{100 * v:.1f}"
+
+
+def _jsonable(x):
+    if isinstance(x, dict):
+        return {str(k): _jsonable(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_jsonable(v) for v in x]
+    if isinstance(x, (int, float, str, bool)) or x is None:
+        return x
+    try:
+        return float(x)
+    except (TypeError, ValueError):
+        return str(x)

@@ -1,0 +1,285 @@
+"""The knowledge-editing API (EasyEdit users should feel at home)::
+
+    editor = Editor("lmoe-tiny-llava", method="retrieval")      # or Editor.from_config("edit.yaml")
+    eid = editor.edit(image="cat.png", prompt="what animal is this?", target="dog")
+    editor.answer("cat.png", "what animal is this?")          # -> "dog"
+    editor.evaluate(records)                                   # reliability, generality, locality
+    editor.save("my_edits"); editor = Editor.load("my_edits")
+
+Every bad input raises one :class:`~lifelong_moe.errors.UserError` before the store or the model is
+touched. The store (:mod:`.store`) is the single source of truth: after every change the method is
+told the active edits (``EditMethod.set_edits``).
+"""
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import torch
+
+from ..errors import UserError
+from . import metrics as M
+from .records import image_tensor, make_record, record_images, record_text
+from .registry import build_method
+from .store import EditStore, backbone_fingerprint, check_compatible, read_index
+from .types import EditMethod, EditRecord
+
+
+def build_vlm(backbone: Any, device: str | torch.device | None = None, seed: int = 0):
+    """A VisionLanguageModel from an instance, a backbone config mapping, or a name (a shipped tiny
+    VLM defaults to its synthetic pretraining); returns ``(vlm, config dict or None)``. A randomly
+    initialised model is drawn from ``seed`` (so a saved store can rebuild it)."""
+    from ..vlm import VisionLanguageModel
+
+    if isinstance(backbone, VisionLanguageModel):
+        return backbone, None
+    from ..config import format_validation_error
+    from .config import EditBackboneConfig
+
+    if isinstance(backbone, str):
+        from ..vlm_tiny import shipped_vlm_names
+
+        backbone = {"name": backbone, "pretrained": "synthetic" if backbone in shipped_vlm_names() else None}
+    if not isinstance(backbone, Mapping):
+        raise UserError(f"backbone: expected a VisionLanguageModel, a name or a config mapping, got "
+                        f"{type(backbone).__name__}")
+    from pydantic import ValidationError
+
+    try:
+        cfg = EditBackboneConfig.model_validate(dict(backbone))
+    except ValidationError as e:
+        raise UserError(format_validation_error(e, prefix="backbone")) from None
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        vlm = VisionLanguageModel.from_config(cfg.name, cfg.pretrained, pretrain=cfg.pretrain, download=cfg.download,
+                                              prompt_template=cfg.prompt_template, progress=False)
+    if device is not None:
+        vlm.to(device)
+    return vlm, cfg.model_dump(mode="json")
+
+
+class Editor:
+    """Edits a frozen VLM with one :class:`~.types.EditMethod` and keeps the edits in an :class:`EditStore`.
+
+    ``backbone``: a :class:`~lifelong_moe.vlm.VisionLanguageModel`, a backbone config mapping
+    (``name``, ``pretrained``, ...) or a name. ``method``: a registered name (``liveedit``, ``ft``,
+    ``lora``, ``retrieval``) with its parameters as keywords, or a method instance."""
+
+    def __init__(self, backbone: Any, method: str | EditMethod = "liveedit", *, seed: int = 0,
+                 device: str | torch.device | None = None, **params):
+        self.vlm, self.backbone_config = build_vlm(backbone, device, seed)
+        self.seed = seed
+        if isinstance(method, str):
+            self.method = build_method(method, params)
+        else:
+            if params:
+                raise UserError(f"method parameters {sorted(params)} are given with a method instance; set them on it")
+            if not isinstance(method, EditMethod):
+                raise UserError(f"method: {type(method).__name__} does not implement the EditMethod protocol")
+            self.method = method
+        self.fingerprint = backbone_fingerprint(self.vlm)  # of the unedited backbone, before any method hook
+        self.method.attach(self.vlm)
+        self.store = EditStore(self._header())
+        self.method.set_edits({})
+
+    def _header(self) -> dict:
+        return {"method": self.method.name, "method_config": self.method.config(),
+                "backbone": {"name": self.vlm.name, "config": self.backbone_config, "fingerprint": self.fingerprint,
+                             "seed": self.seed}}
+
+    # ------------------------------------------------------------------ construction
+    @classmethod
+    def from_config(cls, config: str | Path | Mapping, overrides: Sequence[str] = (), *,
+                    variant: str | None = None) -> "Editor":
+        """From an edit YAML (or mapping): ``backbone``, ``method``, ``seed``, ``runtime`` are used."""
+        from .config import load_edit_config
+
+        cfgs = load_edit_config(dict(config) if isinstance(config, Mapping) else config, list(overrides),
+                                only=[variant] if variant else None)
+        if len(cfgs) > 1:
+            raise UserError(f"the config has {len(cfgs)} variants; pick one with variant= "
+                            f"({', '.join(c.name.rsplit('/', 1)[-1] for c in cfgs)})")
+        return cls.from_edit_config(cfgs[0])
+
+    @classmethod
+    def from_edit_config(cls, cfg) -> "Editor":
+        from ..device import resolve_device
+        from ..runner import seed_everything
+
+        device = resolve_device(cfg.runtime.device)
+        seed_everything(cfg.seed)
+        backbone = cfg.backbone.model_dump(mode="json")
+        method = build_method(cfg.method.name, cfg.method_params())
+        return cls(backbone, method, seed=cfg.seed, device=device)
+
+    # ------------------------------------------------------------------ inputs
+    @property
+    def requires_image(self) -> bool:
+        return bool(getattr(self.method, "requires_image", self.method.name == "liveedit"))
+
+    def _record(self, fields: Any, where: str) -> EditRecord:
+        rec = make_record(self.vlm, fields, where=where, need_image=self.requires_image)
+        if rec.image is None and not M.text_only_supported(self.vlm):
+            raise UserError(f"{where}: no image, and this backbone takes no text-only prompts; give an image")
+        return rec
+
+    def records(self, records: Sequence[Any]) -> list[EditRecord]:
+        """Validate MMEdit-style dicts / EditRecords, all before anything is applied."""
+        if isinstance(records, (Mapping, EditRecord)) or not isinstance(records, Sequence):
+            raise UserError("records: expected a list of MMEdit records (dicts or EditRecords)")
+        return [self._record(r, f"records[{i}]") for i, r in enumerate(records)]
+
+    # ------------------------------------------------------------------ editing
+    def fit(self, train_records: Sequence[Any]) -> dict:
+        """Meta-train the method (LiveEdit) on ``train_records``; baselines return ``{}``."""
+        if len(self.store):
+            raise UserError("fit() before editing: the store already holds edits (reset() first)")
+        return self.method.fit(self.records(train_records), seed=self.seed)
+
+    def edit(self, image: Any = None, prompt: str = "", target: str = "", **fields) -> str:
+        """Apply one edit; return its id. ``image``: a path, a PIL image, a pixel tensor or None;
+        other MMEdit fields (``rephrase``, ``loc``, ...) may be given and are kept with the request."""
+        rec = self._record({"image": image, "src": prompt, "alt": target, **fields}, "edit")
+        return self._apply([rec])[0]
+
+    def edit_batch(self, records: Sequence[Any]) -> list[str]:
+        """Apply MMEdit-style records in order (all validated first); return their ids."""
+        return self._apply(self.records(records))
+
+    def _apply(self, recs: Sequence[EditRecord]) -> list[str]:
+        snap = self._snapshot()
+        ids = []
+        try:
+            for rec in recs:
+                tensors = self.method.make_edit(rec)
+                ids.append(self.store.add(record_text(rec), record_images(rec), tensors, rec.meta))
+                self.method.set_edits(self.store.method_view())
+        except BaseException:
+            self._restore(snap)
+            raise
+        return ids
+
+    def delete(self, edit_id: str) -> None:
+        if not self.method.supports_delete:
+            raise UserError(f"method {self.method.name!r} cannot delete single edits (its edits live in the tuned "
+                            "weights and do not separate); reset() removes them all")
+        self.store.delete(edit_id)
+        self.method.set_edits(self.store.method_view())
+
+    def reset(self) -> None:
+        """Back to the unedited model with an empty store (the previous log is dropped)."""
+        self.store = EditStore(self._header())
+        self.method.set_edits({})
+
+    @property
+    def edits(self) -> list[dict]:
+        """The active edits: id, timestamp, prompt, target, whether it has an image, its metadata."""
+        return [{"id": e.id, "timestamp": e.timestamp, "prompt": e.request["src"], "target": e.request["alt"],
+                 "image": "image" in e.images, "meta": e.meta} for e in self.store.active]
+
+    def _snapshot(self):
+        """What undoing later changes needs. A method that deletes single edits keeps them in their own
+        tensors, so its learned state does not change with edits and is not copied."""
+        s = self.store
+        state = None if self.method.supports_delete else self.method.state_dict()
+        return (list(s.history), set(s.deleted), len(s.log), s.next_index, state)
+
+    def _restore(self, snap) -> None:
+        keys, deleted, n_log, nxt, state = snap
+        s = self.store
+        s.history = {k: s.history[k] for k in keys}
+        s.deleted, s.log, s.next_index = set(deleted), s.log[:n_log], nxt
+        if state is not None:
+            self.method.load_state_dict(state)
+        self.method.set_edits(s.method_view())
+
+    # ------------------------------------------------------------------ answering
+    @torch.no_grad()
+    def answer(self, image: Any, prompt: str | Sequence[str], max_new_tokens: int = 8) -> str | list[str]:
+        """Greedy answer(s) of the edited model; ``image`` may be None for a text-only prompt."""
+        single = isinstance(prompt, str)
+        prompts = [prompt] if single else list(prompt)
+        images = [image] * len(prompts) if single or not isinstance(image, (list, tuple)) else list(image)
+        if len(images) != len(prompts):
+            raise UserError(f"answer: {len(images)} images for {len(prompts)} prompts")
+        if any(not isinstance(p, str) or not p.strip() for p in prompts):
+            raise UserError("answer: every prompt must be non-empty text")
+        px = [image_tensor(self.vlm, im, what=f"answer: image {i}") for i, im in enumerate(images)]
+        if any(p is None for p in px) and not all(p is None for p in px):
+            raise UserError("answer: give an image for every prompt or for none")
+        if px[0] is None and not M.text_only_supported(self.vlm):
+            raise UserError("answer: no image, and this backbone takes no text-only prompts")
+        out = self.vlm.generate(None if px[0] is None else torch.stack(px), prompts, max_new_tokens)
+        return out[0] if single else out
+
+    # ------------------------------------------------------------------ evaluation
+    def evaluate(self, records: Sequence[Any], sequential: bool = True, *, keep: bool = True, generate: bool = True,
+                 batch_size: int = 64, max_new_tokens: int = 8) -> dict:
+        """Edit with ``records`` and score them (:mod:`.metrics`). ``sequential``: apply all the edits,
+        then score every record (LiveEdit's lifelong protocol); otherwise each edit is applied alone,
+        scored and undone. Locality is measured against the model as it was before these edits
+        (outputs cached first). ``keep``: leave the sequential edits in the store (else undone)."""
+        recs = self.records(records)
+        pre = M.cache_pre_edit(self.vlm, recs, batch_size, max_new_tokens)
+        snap = self._snapshot()
+        t = time.perf_counter()
+        if sequential:
+            ids = self._apply(recs)
+            edit_s = time.perf_counter() - t
+            scores = M.score(self.vlm, recs, pre, batch_size, max_new_tokens, generate)
+            if not keep:
+                self._restore(snap)
+        else:
+            ids, edit_s, per = [], 0.0, []
+            for i, rec in enumerate(recs):
+                t = time.perf_counter()
+                self._apply([rec])
+                edit_s += time.perf_counter() - t
+                per.append(M.score(self.vlm, [rec], pre.window(i, i + 1), batch_size, max_new_tokens, generate))
+                self._restore(snap)
+            scores = _merge(per)
+        return {"protocol": "sequential" if sequential else "single", "edits": len(recs), "edit_ids": ids,
+                "edit_seconds_mean": edit_s / max(1, len(recs)), "metrics": M.summary(scores),
+                "n": {m: v["n"] for m, v in scores.items()}, "per_record": {m: v["per_record"] for m, v in scores.items()}}
+
+    # ------------------------------------------------------------------ persistence
+    def save(self, directory: str | Path) -> Path:
+        return self.store.save(directory, self.method.state_dict())
+
+    @classmethod
+    def load(cls, directory: str | Path, backbone: Any = None, *, device: str | torch.device | None = None) -> "Editor":
+        """An Editor from a saved store; ``backbone`` defaults to the one recorded in the store."""
+        from .config import validate_method
+
+        d = Path(directory)
+        index = read_index(d)  # a directory that is not a store fails here, before any model is built
+        if backbone is None:
+            backbone = index["backbone"].get("config")
+            if backbone is None:
+                raise UserError(f"edit store {d} was saved from a backbone object; pass it: Editor.load(dir, backbone=vlm)")
+        name = index["method"]
+        editor = cls(backbone, build_method(name, validate_method(name, index["method_config"])), device=device,
+                     seed=int(index["backbone"].get("seed", 0)))
+        check_compatible(index, editor._header(), d)
+        store, state = EditStore.load(d)
+        editor.store = store
+        editor.method.load_state_dict(state)
+        editor.method.set_edits(store.method_view())
+        return editor
+
+
+# ---------------------------------------------------------------------- helpers
+def _merge(per: list[dict]) -> dict:
+    out = {}
+    for m in M.METRICS:
+        rows = [p[m] for p in per if p[m]["n"]]
+        n = sum(r["n"] for r in rows)
+        if not n:
+            out[m] = {"token_acc": None, "exact_match": None, "n": 0, "per_record": []}
+            continue
+        em = [r["exact_match"] for r in rows]
+        out[m] = {"token_acc": sum(r["token_acc"] * r["n"] for r in rows) / n,
+                  "exact_match": None if any(e is None for e in em) else sum(e * r["n"] for e, r in zip(em, rows)) / n,
+                  "n": n, "per_record": [a for r in rows for a in r["per_record"]]}
+    return out
