@@ -2,8 +2,8 @@
 Mixture-of-Experts", CVPR 2025; official code ``qizhou000/LiveEdit``): lifelong knowledge editing of
 a frozen VLM by generated low-rank experts, a vision-sentinel hard filter and soft text routing.
 
-- A forward hook on one decoder block (``layer``, default round(2/3 depth) as the reference's 21 of
-  32) adds ``sum_m w_m * ReLU(LN(h) C_m^T) R_m`` to its output at every position; the backbone never
+- A forward hook on one decoder block (``layer``, default the block at 2/3 of the depth, the
+  reference's 21 of 32) adds ``sum_m w_m * ReLU(LN(h) C_m^T) R_m`` to its output at every position; the backbone never
   changes, and with no edit stored (or none routed) the block's output is returned untouched.
 - An edit is one frozen pass to that block on the edit (image, prompt + target), then two generators
   (learned-query cross-attention over the vision, prompt and answer spans) give ``C, R [rank, d]`` and
@@ -37,7 +37,7 @@ from lifelong_moe.editing.types import EditRecord
 from lifelong_moe.errors import UserError
 from lifelong_moe.vlm import IGNORE
 
-__all__ = ["Params", "Method"]
+__all__ = ["Params", "Method", "default_layer"]
 
 EDIT_KEYS = ("c", "r", "text_key", "vision_key")
 
@@ -46,20 +46,31 @@ class Params(Strict):
     """LiveEdit's settings. The reference's sizes (``configs/liveedit/*.yaml``) are for 7B models
     (d_m 1024, 8 heads); the defaults here suit the tiny VLM (d 128)."""
 
-    layer: int | None = Field(None, description="hooked decoder block; None = round(2/3 * depth)")
+    layer: int | None = Field(None, description="hooked decoder block; None = the block at 2/3 of the depth "
+                              "(ceil(2 depth / 3) - 1: 21 of 32 as the reference, 2 of 4)")
     rank: int = Field(4, ge=1, description="rank r of each expert (C, R in R^{r x d})")
     module_dim: int = Field(64, ge=1, description="width d_m of queries and routing features")
     heads: int = Field(4, ge=1, description="attention heads of generators and extractors")
     slots: int = Field(4, ge=1, description="learned query slots of the routing features (eqe_n)")
     lora_scale: float = Field(5.0, gt=0, description="generated experts are scaled by 1/(lora_scale*sqrt(r))")
-    steps: int = Field(300, ge=0, description="meta-training steps")
+    steps: int = Field(1000, ge=0, description="meta-training steps")
     lr: float = Field(1e-3, gt=0, description="Adam learning rate of meta-training")
     lr_cut_steps: list[int] = Field(default_factory=list, description="steps after which lr is multiplied by 0.1")
     batch_size: int = Field(8, ge=2, description="edits per meta-training batch")
     hard_filter: bool = Field(True, description="vision-sentinel hard filter (False: every expert passes)")
     every_generation_step: bool = Field(True, description="apply the residual on every cached generation "
                                         "step (False: the reference's first forward only)")
+    cache_train_states: bool = Field(True, description="run the frozen backbone once per train record and keep "
+                                     "its hooked-block states (memory: records x 4 x length x d floats); False "
+                                     "reruns it every step (large backbones)")
     seed: int = Field(0, description="initialisation of the trainable modules")
+
+
+def default_layer(depth: int) -> int:
+    """Index of the block at 2/3 of the depth, ceil(2 depth / 3) - 1: 21 of 32 as the reference hooks
+    for its three 32-layer LLMs (``configs/liveedit/*.yaml``: ``edit_layer_i: 21``), 2 of 4 for the tiny
+    VLM (so one block still follows the edited one, as eleven do in the reference)."""
+    return max(0, -(-2 * depth // 3) - 1)
 
 
 class _Stop(Exception):
@@ -100,7 +111,7 @@ class Method:
             self.detach()
         layers = vlm.decoder_layers
         depth = len(layers)
-        layer = round(2 * depth / 3) if self.params.layer is None else self.params.layer
+        layer = default_layer(depth) if self.params.layer is None else self.params.layer
         if not 0 <= layer < depth:
             raise UserError(f"liveedit.layer: {layer} is not a decoder block of {vlm.name or 'the VLM'} "
                             f"(0..{depth - 1})")
@@ -318,16 +329,19 @@ class Method:
         rng = np.random.default_rng([seed, 0x11FE])
         opt = torch.optim.Adam(self.nets.parameters(), lr=p.lr)
         bank, self._bank = self._bank, None
-        self.nets.train()
         start, history = time.perf_counter(), []
         try:
+            cache = self._frozen_cache(usable) if p.cache_train_states else None
+            cache_seconds = time.perf_counter() - start
+            self.nets.train()
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(seed)
                 for step in range(p.steps):
                     for g in opt.param_groups:
                         g["lr"] = p.lr * 0.1 ** sum(step >= s for s in p.lr_cut_steps)
-                    recs = [usable[i] for i in rng.choice(len(usable), p.batch_size, replace=False)]
-                    losses = self._meta_losses(recs, rng)
+                    pick = rng.choice(len(usable), p.batch_size, replace=False)
+                    frozen = self._from_cache(cache, pick) if cache else self._frozen([usable[i] for i in pick])
+                    losses = self._meta_losses(frozen, rng)
                     loss = sum(losses.values())
                     opt.zero_grad(set_to_none=True)
                     loss.backward()
@@ -338,27 +352,123 @@ class Method:
             self._bank = bank
         last = history[-min(20, len(history)):] if history else []
         return {"steps": p.steps, "train_records": len(usable), "seconds": round(time.perf_counter() - start, 2),
+                "frozen_pass_seconds": round(cache_seconds, 2),
                 "final_losses": {k: round(float(np.mean([h[k] for h in last])), 4) for k in (last[0] if last else {})}}
 
-    def _meta_losses(self, recs: list[EditRecord], rng: np.random.Generator) -> dict[str, torch.Tensor]:
-        b, vlm, dev = len(recs), self.vlm, self.vlm.device
-        # one frozen pass over the four input kinds: rel, text-gen, image-gen, image-loc
-        images = torch.stack([r.image for r in recs] + [r.image for r in recs]
-                             + [r.image_rephrase for r in recs] + [r.m_loc for r in recs])
+    # the four inputs of every train record, in this order (reference organize_batch_data)
+    _KINDS = ("rel", "text_gen", "image_gen", "image_loc")
+
+    def _frozen(self, recs: list[EditRecord]) -> dict:
+        """One frozen pass to the hooked block over the records' four inputs (rows: all rel, then
+        text-gen, image-gen, image-loc): hidden states, the blocks' call kwargs, spans, labels, and
+        the pre-edit log-probabilities of the image-loc rows."""
+        b = len(recs)
+        images = torch.stack([r.image for r in recs] * 2 + [r.image_rephrase for r in recs] + [r.m_loc for r in recs])
         questions = ([r.src for r in recs] + [r.rephrase or r.src for r in recs] + [r.src for r in recs]
                      + [r.m_loc_q for r in recs])
-        answers = [r.alt for r in recs] * 3 + [r.m_loc_a for r in recs]
-        batch = vlm.batch(images, questions, answers)
+        batch = self.vlm.batch(images, questions, [r.alt for r in recs] * 3 + [r.m_loc_a for r in recs])
         hidden, kwargs = self._to_block(batch)
-        h = hidden.float()
         with torch.no_grad():
-            pre_loc = self._resume(hidden, kwargs)[3 * b:].float().log_softmax(-1)
+            pre_loc = self._resume(hidden[3 * b:], self._slice_kwargs(kwargs, slice(3 * b, 4 * b)))
+        return {"hidden": hidden, "kwargs": kwargs, "image": batch.image_mask, "prompt": batch.prompt_mask,
+                "answer": batch.answer_mask, "labels": batch.labels, "attention": batch.attention_mask,
+                "pre_loc": pre_loc.float().log_softmax(-1)}
+
+    @staticmethod
+    def _slice_kwargs(kwargs: dict, rows: slice) -> dict:
+        """The block kwargs of some rows: batch-first tensors (the attention mask) are cut, shared ones
+        (rotary embeddings of broadcast positions) kept."""
+        out = {}
+        for k, v in kwargs.items():
+            if isinstance(v, torch.Tensor) and v.ndim == 4 and k == "attention_mask":
+                v = v[rows]
+            elif isinstance(v, tuple) and all(isinstance(t, torch.Tensor) for t in v):
+                v = tuple(t[rows] if t.shape[0] > 1 else t for t in v)
+            out[k] = v
+        return out
+
+    @torch.no_grad()
+    def _frozen_cache(self, recs: list[EditRecord], chunk: int = 32) -> list[list[dict]]:
+        """Per record and input kind, the frozen pass's row trimmed to its length (hidden states,
+        spans, labels, pre-edit loc log-probabilities): the backbone runs once per record, not per
+        step (``cache_train_states``)."""
+        cache = []
+        for i in range(0, len(recs), chunk):
+            part = recs[i:i + chunk]
+            f = self._frozen(part)
+            b = len(part)
+            for j in range(b):
+                rows = []
+                for k in range(4):
+                    row = k * b + j
+                    n = int(f["attention"][row].sum())  # right padding: the row's tokens come first
+                    item = {key: f[key][row, :n].clone() for key in ("hidden", "image", "prompt", "answer", "labels")}
+                    if k == 3:
+                        item["pre_loc"] = f["pre_loc"][j, :n].clone()
+                    rows.append(item)
+                cache.append(rows)
+        return cache
+
+    def _from_cache(self, cache: list[list[dict]], pick) -> dict:
+        """A training batch like :meth:`_frozen`'s, from cached rows (right padded); the blocks'
+        kwargs (causal mask, rotary embeddings) are rebuilt by the language model for that shape."""
+        rows = [cache[i][k] for k in range(4) for i in pick]
+        length = max(len(r["labels"]) for r in rows)
+        dev = self.vlm.device
+
+        def pad(key, fill):
+            out = torch.full((len(rows), length, *rows[0][key].shape[1:]), fill, dtype=rows[0][key].dtype, device=dev)
+            for i, r in enumerate(rows):
+                out[i, :len(r[key])] = r[key]
+            return out
+
+        attention = torch.zeros(len(rows), length, dtype=torch.long, device=dev)
+        for i, r in enumerate(rows):
+            attention[i, :len(r["labels"])] = 1
+        b = len(pick)
+        loc = rows[3 * b:]
+        pre_loc = torch.zeros(b, length, loc[0]["pre_loc"].shape[-1], device=dev)
+        for i, r in enumerate(loc):
+            pre_loc[i, :len(r["pre_loc"])] = r["pre_loc"]
+        hidden = pad("hidden", 0.0)
+        return {"hidden": hidden, "kwargs": self._block_kwargs(hidden, attention), "image": pad("image", False),
+                "prompt": pad("prompt", False), "answer": pad("answer", False), "labels": pad("labels", IGNORE),
+                "attention": attention, "pre_loc": pre_loc}
+
+    @torch.no_grad()
+    def _block_kwargs(self, hidden: torch.Tensor, attention: torch.Tensor) -> dict:
+        """The kwargs the language model gives its decoder blocks for inputs of this shape and padding
+        (causal mask, positions, rotary embeddings): it is run on zeros and stopped at its first block."""
+        if self.layer == len(self.vlm.decoder_layers) - 1:
+            return {}  # nothing runs after the hooked block but the final norm
+        captured = {}
+
+        def grab(module, args, kwargs):
+            captured.update(kwargs)
+            raise _Stop
+
+        handle = self.vlm.decoder_layers[0].register_forward_pre_hook(grab, with_kwargs=True)
+        try:
+            self.vlm.language_model(inputs_embeds=torch.zeros_like(hidden), attention_mask=attention, use_cache=False)
+        except _Stop:
+            pass
+        finally:
+            handle.remove()
+        return captured
+
+    def _meta_losses(self, f: dict, rng: np.random.Generator) -> dict[str, torch.Tensor]:
+        """The reference's training losses (``liveedit.py:354-465``) on one frozen batch."""
+        dev = self.vlm.device
+        hidden = f["hidden"]
+        h = hidden.float()
+        b = h.shape[0] // 4
+        pre_loc = f["pre_loc"]
         rel = slice(0, b)
         # experts of each edit, and routing features (edit side: the edit and the loc item)
-        span = batch.image_mask | batch.prompt_mask | batch.answer_mask
+        span = f["image"] | f["prompt"] | f["answer"]
         c, r = self.nets.gen_c(h[rel], span[rel]), self.nets.gen_r(h[rel], span[rel])
         ee, ie = self.nets.edit_extractor, self.nets.input_extractor
-        pm, im = batch.prompt_mask, batch.image_mask
+        pm, im = f["prompt"], f["image"]
         psi_edit, phi_edit = ee.text(h, pm), ee.vision(h, pm, h, im)      # rows: every input as an edit
         psi_in, phi_in = ie.text(h, pm), ie.vision(h, pm, h, im)
         # expert masks that simulate a growing store (liveedit.py:279-292): own expert(s) + a random
@@ -377,8 +487,8 @@ class Method:
         mask = mask.to(dev)
         weights = soft_weights(slot_similarity(psi_in, psi_edit[rel]), mask)
         delta = expert_residual(self.nets.residual_norm(h), c, r, weights)
-        logits = self._resume((h + delta).to(hidden.dtype), kwargs).float()
-        lg, y = logits[:, :-1], batch.labels[:, 1:]
+        logits = self._resume((h + delta).to(hidden.dtype), f["kwargs"]).float()
+        lg, y = logits[:, :-1], f["labels"][:, 1:]
         ce = F.cross_entropy(lg.reshape(-1, lg.shape[-1]), y.reshape(-1), ignore_index=IGNORE,
                              reduction="none").view(y.shape)
         on = (y != IGNORE).float()

@@ -11,8 +11,9 @@ One record (:class:`~lifelong_moe.editing.types.EditRecord`):
   colour and style noise; image generality);
 - ``loc`` / ``loc_ans``: a text-only world-knowledge question ("how many corners does the square
   have?") and its answer (text locality);
-- ``m_loc`` / ``m_loc_q`` / ``m_loc_a``: an unrelated scene with its own question and answer (image
-  locality).
+- ``m_loc`` / ``m_loc_q`` / ``m_loc_a``: an unrelated scene with a question of a type no edit asks
+  (recognition or judge, also pretrained) and its true answer (image locality; MMEdit likewise
+  draws these from another dataset).
 
 Train and test splits use different random streams, different digit glyphs, and disjoint scene
 contents (a scene belongs to the split its attribute hash picks). Pixels are ``float [3, 32, 32]``
@@ -30,9 +31,10 @@ from ..errors import UserError
 from .synthetic_render import A, SHAPES, render
 from .vqa_synthetic import CORNERS, _fix_articles, _nouns, _spec, make_questions, sample_for
 
-__all__ = ["EDIT_TYPES", "IMAGE_MEAN", "IMAGE_STD", "edit_records"]
+__all__ = ["EDIT_TYPES", "LOCALITY_TYPES", "IMAGE_MEAN", "IMAGE_STD", "edit_records"]
 
 EDIT_TYPES = ("color", "location", "count")
+LOCALITY_TYPES = ("recognition", "judge")  # pretrained types no edit asks about
 # the tiny VLM's processor normalisation (lmoe-tiny-vit: open_clip's OpenAI defaults)
 IMAGE_MEAN = (0.48145466, 0.4578275, 0.40821073)
 IMAGE_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -94,8 +96,9 @@ def edit_records(split: str, n: int, *, seed: int = 0) -> list[EditRecord]:
         scenes = _scenes(qtype, k, s, rng)
         images, rephrased = _render(scenes, qtype, s, rng), _render(scenes, qtype, s, rng)
         _, truths = make_questions(scenes, qtype, rng)
-        # unrelated image locality: a scene of another edit type, its own question and answer
-        loc_types = [EDIT_TYPES[(EDIT_TYPES.index(qtype) + 1 + int(rng.integers(2))) % 3] for _ in range(k)]
+        # unrelated image locality: a scene asked a question of a type no edit asks (as MMEdit draws
+        # its image-locality questions from another dataset, OK-VQA), with its true answer
+        loc_types = [LOCALITY_TYPES[int(rng.integers(len(LOCALITY_TYPES)))] for _ in range(k)]
         loc = {}
         for lt in sorted(set(loc_types)):
             rows = [j for j in range(k) if loc_types[j] == lt]
