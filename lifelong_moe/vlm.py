@@ -370,6 +370,7 @@ class VisionLanguageModel(nn.Module):
             texts.append(self.tokenizer.decode(row, skip_special_tokens=True).strip())
         return texts
 
-    def generate(self, pixel_values: torch.Tensor | None, questions: Sequence[str], max_new_tokens: int = 8) -> list[str]:
+    def generate(self, pixel_values: torch.Tensor | None, questions: Sequence[str],
+                 max_new_tokens: int = 8) -> list[str]:
         """Greedy answers (KV cache, left padding, attention mask; stops at EOS), decoded, stripped."""
         return self.decode(self.generate_ids(pixel_values, questions, max_new_tokens))

@@ -122,6 +122,7 @@ class Method:
             self.load_state_dict(self._pending_state)
             self._pending_state = None
         self._hooks = [vlm.model.register_forward_pre_hook(self._on_model_call, with_kwargs=True),
+                       vlm.model.register_forward_hook(self._after_model_call),
                        layers[layer].register_forward_pre_hook(self._on_block_input, with_kwargs=True),
                        layers[layer].register_forward_hook(self._on_block_output)]
 
@@ -163,6 +164,9 @@ class Method:
         cached = cache is not None and hasattr(cache, "get_seq_length") and cache.get_seq_length() > 0
         self._step = {"ids": ids, "attention": kwargs.get("attention_mask"), "cached": cached}
 
+    def _after_model_call(self, module, args, output):
+        self._step = {}  # a block run outside a model call (e.g. the LLM alone) is never edited
+
     def _on_block_input(self, module, args, kwargs):
         if self._capture is not None:
             self._capture["kwargs"] = dict(kwargs)
@@ -172,7 +176,7 @@ class Method:
         if self._capture is not None:
             self._capture["hidden"] = hidden
             raise _Stop
-        if self._bank is None:
+        if self._bank is None or not self._step:
             return output
         if self._step.get("cached"):
             if not self.params.every_generation_step or self._route is None:

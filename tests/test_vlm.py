@@ -358,7 +358,8 @@ def test_text_only_prompts_have_no_image_and_generate_as_they_teacher_force(tiny
     assert torch.equal(b.prompt_mask | b.answer_mask, b.attention_mask.bool())
     for i, (q, a) in enumerate(zip(QUESTIONS, ANSWERS)):
         assert b.input_ids[i][b.prompt_mask[i]].tolist() == tok(f"question: {q} answer:")["input_ids"]
-        assert b.input_ids[i][b.answer_mask[i]].tolist() == tok(a, add_special_tokens=False)["input_ids"] + [tiny.eos_token_id]
+        answer = tok(a, add_special_tokens=False)["input_ids"] + [tiny.eos_token_id]
+        assert b.input_ids[i][b.answer_mask[i]].tolist() == answer
     bi = tiny.batch(images(4), QUESTIONS, ANSWERS)
     with torch.no_grad():
         text, imaged = tiny.logits(b), tiny.logits(bi)
