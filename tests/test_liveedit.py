@@ -340,43 +340,43 @@ def agreement(batch, pre, post) -> float:
 
 
 STEPS, LR = 600, 1e-3
-MARGIN = {"rel": 0.0, "text_gen": 0.0, "image_gen": 0.0}  # over the unedited model's token accuracy
-MIN_IMAGE_LOCALITY, MIN_EXACT_MATCH = 0.0, 0.0
+# measured at seed 0 (docs/liveedit.md): +0.080 / +0.063 / +0.080 token accuracy, image locality 0.99,
+# 6 of 40 answers exactly the new target (0 before); asserted with about half of each gain as margin
+MARGIN = {"rel": 0.04, "text_gen": 0.03, "image_gen": 0.04}
+MIN_IMAGE_LOCALITY, MIN_NEW_EXACT = 0.95, 3
 
 
 @pytest.mark.slow
 def test_meta_trained_liveedit_edits_generalises_and_keeps_locality_over_100_edits(vlm):
     """Meta-train on the synthetic train split, then 100 sequential edits of held-out scenes: the
-    edits hold (reliability, text and image generality far above the unedited model) while image
-    locality stays high and text locality exact. About 2-3 minutes on 2 cores."""
+    edits hold (reliability, text and image generality above the unedited model, and greedy answers
+    become the new target) while image locality stays high and text locality exact. About 80 s on a
+    quiet 2-core machine."""
     train, test = edit_records("train", 600, seed=0), edit_records("test", 100, seed=0)
+    x, qs = torch.stack([r.image for r in test[:40]]), [r.src for r in test[:40]]
+
+    def exact(answers):
+        return sum(a == r.alt for a, r in zip(answers, test))
+
     m = Method(Params(steps=STEPS, lr=LR))
     m.attach(vlm)
     try:
         stats = m.fit(train, seed=0)
         assert stats["final_losses"]["rel"] < 1.0
         before, pre = scores(vlm, test)
+        before_exact = exact(vlm.generate(x, qs, max_new_tokens=4))
         store = {}
         for i, r in enumerate(test):  # sequential: the store grows one edit at a time
             store[str(i)] = m.make_edit(r)
             m.set_edits(store)
         after, post = scores(vlm, test)
-        print("before", before, "after", after)
+        m_loc = agreement(post[0][0], pre[0][1], post[0][1])
+        after_exact = exact(vlm.generate(x, qs, max_new_tokens=4))
+        print("before", before, before_exact, "after", after, after_exact, "image locality", m_loc, "fit", stats)
         for k in ("rel", "text_gen", "image_gen"):
             assert after[k] >= before[k] + MARGIN[k], (k, before[k], after[k])
-        m_loc = agreement(post[0][0], pre[0][1], post[0][1])
-        print("image locality", m_loc, "fit", stats)
         assert m_loc >= MIN_IMAGE_LOCALITY, m_loc
         assert agreement(post[1][0], pre[1][1], post[1][1]) == 1.0  # text-only: bypassed
-        # generation edits every token: greedy answers are the teacher-forced argmax of the edited model,
-        # and applying the experts to the first forward only (the reference) answers differently
-        x, qs = torch.stack([r.image for r in test[:40]]), [r.src for r in test[:40]]
-        every = vlm.generate(x, qs, max_new_tokens=4)
-        assert sum(a == r.alt for a, r in zip(every, test)) >= MIN_EXACT_MATCH * 40
-        m.params.every_generation_step = False
-        first_only = vlm.generate(x, qs, max_new_tokens=4)
-        print("exact match", sum(a == r.alt for a, r in zip(every, test)),
-              "first forward only", sum(a == r.alt for a, r in zip(first_only, test)))
-        assert sum(a == r.alt for a, r in zip(first_only, test)) < sum(a == r.alt for a, r in zip(every, test))
+        assert after_exact >= before_exact + MIN_NEW_EXACT
     finally:
         m.detach()
