@@ -117,7 +117,11 @@ class Method:
                             f"(0..{depth - 1})")
         self.vlm, self.layer = vlm, layer
         d = vlm.language_model.config.hidden_size
-        self._init_nets(d, vlm.num_image_tokens, self.params.seed)
+        sentinel = None if self.nets is None else self.nets.input_extractor.sentinel
+        if sentinel is not None and tuple(sentinel.shape[1:]) == (vlm.num_image_tokens, d):
+            self.nets.to(vlm.device)  # re-attached: keep the learned weights
+        else:
+            self._init_nets(d, vlm.num_image_tokens, self.params.seed)
         if self._pending_state is not None:
             self.load_state_dict(self._pending_state)
             self._pending_state = None

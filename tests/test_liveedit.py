@@ -188,6 +188,10 @@ def test_weights_round_trip_to_identical_outputs(vlm, method, records):
     out, ids = logits(vlm, batch), vlm.generate_ids(x, [r.src for r in recs], max_new_tokens=3)
     state = method.state_dict()
     method.detach()
+    method.attach(vlm)                                                # re-attaching keeps the weights
+    method.set_edits(edits)
+    assert torch.equal(logits(vlm, batch), out)
+    method.detach()
     again = Method(Params(seed=7))                                    # other init, overwritten by the load
     again.load_state_dict(state)                                      # before attach: applied on attach
     again.attach(vlm)
