@@ -32,7 +32,8 @@ from torch import nn
 
 from lifelong_moe.config import Strict
 from lifelong_moe.editing.liveedit_modules import (FeatureExtractor, LowRankGenerator, expert_residual,
-                                                   paired_similarity, slot_similarity, soft_weights)
+                                                   paired_similarity, routed_residual, slot_similarity,
+                                                   soft_weights)
 from lifelong_moe.editing.types import EditRecord
 from lifelong_moe.errors import UserError
 from lifelong_moe.vlm import IGNORE
@@ -218,14 +219,16 @@ class Method:
 
     @staticmethod
     def _sparse(weights: torch.Tensor):
-        """Only the experts some row uses: ``(weights [B, K], indices [K])``."""
-        idx = weights.ne(0).any(0).nonzero().flatten()
-        return weights[:, idx], idx
+        """Each row's kept experts: ``(weights [B, K], indices [B, K])`` with K the most any row keeps
+        (rows with fewer padded by weight 0)."""
+        k = int(weights.ne(0).sum(1).max()) if weights.numel() else 0
+        w, idx = weights.topk(k, dim=1)
+        return w, idx
 
     def _residual(self, hidden: torch.Tensor, weights: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
         with torch.no_grad():
             x = self.nets.residual_norm(hidden.float())
-            delta = expert_residual(x, self._bank["c"][idx], self._bank["r"][idx], weights)
+            delta = routed_residual(x, self._bank["c"], self._bank["r"], weights, idx)
         return delta.to(hidden.dtype)
 
     # ------------------------------------------------------------------ routing

@@ -89,6 +89,14 @@ def test_similarity_and_soft_weights_on_hand_made_inputs():
     assert 0 < w[0].sum() < 1
     perm = torch.tensor([2, 0, 1])                                   # order of the store does not matter
     torch.testing.assert_close(soft_weights(s[:, perm], keep[:, perm]), w[:, perm])
+    # the residual over each row's own kept experts equals the dense sum over the whole bank
+    g = torch.Generator().manual_seed(0)
+    x, c, r = (torch.randn(*shape, generator=g) for shape in ((2, 5, 8), (6, 4, 8), (6, 4, 8)))
+    dense = torch.tensor([[0.0, 0.3, 0.0, 0.0, 0.2, 0.0], [0.0, 0.0, 0.0, 0.0, 0.0, 0.0]])
+    k = Method._sparse(dense)
+    assert k[1].shape == (2, 2) and sorted(k[1][0].tolist()) == [1, 4]
+    torch.testing.assert_close(modules.routed_residual(x, c, r, *k), modules.expert_residual(x, c, r, dense))
+    assert (modules.routed_residual(x, c, r, *k)[1] == 0).all()
 
 
 def test_empty_store_is_bit_identical_to_the_backbone(vlm, records):

@@ -120,3 +120,13 @@ def expert_residual(x: torch.Tensor, c: torch.Tensor, r: torch.Tensor, w: torch.
     act = F.relu(x @ c.reshape(m * rank, d).T)                           # [B, L, M*rank]
     act = act * w.repeat_interleave(rank, dim=1)[:, None, :]
     return act @ r.reshape(m * rank, d)
+
+
+def routed_residual(x: torch.Tensor, c: torch.Tensor, r: torch.Tensor, w: torch.Tensor,
+                    idx: torch.Tensor) -> torch.Tensor:
+    """:func:`expert_residual` with each row's own experts: ``idx [B, K]`` indexes the bank ``c, r
+    [M, rank, d]`` and ``w [B, K]`` weighs them (0 for padding), so the cost grows with the most
+    experts any one row keeps, not with the store or the batch's union of kept experts."""
+    cs, rs = c[idx], r[idx]                                              # [B, K, rank, d]
+    act = F.relu(torch.einsum("bld,bkrd->blkr", x, cs)) * w[:, None, :, None]
+    return torch.einsum("blkr,bkrd->bld", act, rs)
