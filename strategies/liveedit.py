@@ -59,6 +59,9 @@ class Params(Strict):
     lr_cut_steps: list[int] = Field(default_factory=list, description="steps after which lr is multiplied by 0.1")
     batch_size: int = Field(8, ge=2, description="edits per meta-training batch")
     hard_filter: bool = Field(True, description="vision-sentinel hard filter (False: every expert passes)")
+    max_experts: int | None = Field(None, ge=1, description="keep at most this many experts per input (the "
+                                    "largest soft weights among those passing the filter); None = all, "
+                                    "as the reference")
     every_generation_step: bool = Field(True, description="apply the residual on every cached generation "
                                         "step (False: the reference's first forward only)")
     cache_train_states: bool = Field(True, description="run the frozen backbone once per train record and keep "
@@ -247,7 +250,12 @@ class Method:
         else:
             keep = torch.ones(h.shape[0], bank["c"].shape[0], dtype=torch.bool, device=h.device)
         keep &= image.any(1, keepdim=True)
-        return keep, soft_weights(slot_similarity(psi, bank["text_key"]), keep)
+        scores = slot_similarity(psi, bank["text_key"])
+        cap = self.params.max_experts
+        if cap is not None and cap < keep.shape[1]:  # a cost bound, not in the reference: the best-scored
+            top = scores.masked_fill(~keep, float("-inf")).topk(cap, dim=1).indices  # kept experts only
+            keep = keep & torch.zeros_like(keep).scatter_(1, top, True)
+        return keep, soft_weights(scores, keep)
 
     @torch.no_grad()
     def routing(self, batch) -> tuple[torch.Tensor, torch.Tensor]:

@@ -128,11 +128,14 @@ def test_the_sentinel_threshold_decides_and_a_rejected_edit_changes_nothing(vlm,
     keep, w = method.routing(one)
     assert keep.tolist() == [[True]] and 0 < w.item() < 1
     assert not torch.allclose(logits(vlm, one), base)                 # the kept expert acts
+    rejected = forced(method, records[0], one, accept=False)
+    state = method.state_dict()
+    method.detach()                                                   # one method on the VLM at a time
     no_filter = Method(Params(hard_filter=False))                     # mode switch: every expert passes
     no_filter.attach(vlm)
     try:
-        no_filter.load_state_dict(method.state_dict())
-        no_filter.set_edits({"e": forced(method, records[0], one, accept=False)})
+        no_filter.load_state_dict(state)
+        no_filter.set_edits({"e": rejected})
         assert no_filter.routing(one)[0].tolist() == [[True]]
     finally:
         no_filter.detach()
@@ -173,6 +176,22 @@ def test_ten_thousand_edits_route_in_one_batched_similarity(vlm, method, records
         v = paired_similarity(phi, store[ids[i]]["vision_key"].expand_as(phi))
         assert keep[:, i].tolist() == (v > paired_similarity(phi, sentinel)).tolist()
     assert ((w > 0) == keep).all() and (w.sum(1) < 1).all()
+    capped = Method(Params(max_experts=5))                            # cost bound: the 5 largest weights
+    state = method.state_dict()
+    method.detach()                                                   # one method on the VLM at a time
+    capped.attach(vlm)
+    try:
+        capped.load_state_dict(state)
+        capped.set_edits(store)
+        ck, cw = capped.routing(batch)
+        assert (ck.sum(1) == torch.clamp(keep.sum(1), max=5)).all() and (ck <= keep).all()
+        assert ((cw > 0) == ck).all() and (cw.sum(1) < 1).all()
+        for row in range(3):  # the kept five are the five largest weights (same scores, same order)
+            assert set(ck[row].nonzero().flatten().tolist()) == set(w[row].topk(5).indices.tolist())
+    finally:
+        capped.detach()
+        method.attach(vlm)
+        method.set_edits(store)
     # only the kept experts matter: a store of exactly those gives the same outputs
     edited = logits(vlm, batch)
     kept_ids = [ids[i] for i in keep.any(0).nonzero().flatten().tolist()]
