@@ -255,10 +255,11 @@ class VisionLanguageModel(nn.Module):
         tok = self.tokenizer
         prompts = [self._expand(self.prompt(q, text_only)) for q in questions]
         p_ids = tok(prompts)["input_ids"]
+        want = 0 if text_only else self.num_image_tokens
         for p, ids in zip(prompts, p_ids):
-            if ids.count(self.image_token_id) != (0 if text_only else self.num_image_tokens):
+            if ids.count(self.image_token_id) != want:
                 raise ValueError(f"prompt {p[:80]!r}... has {ids.count(self.image_token_id)} image tokens, expected "
-                                 f"{self.num_image_tokens} (the template must name {self.image_token!r} once)")
+                                 f"{want} (the template must name {self.image_token!r} once)")
         if answers is None:
             return [(list(ids), len(ids)) for ids in p_ids]
         full = tok([p + ANSWER_SEPARATOR + a.strip() for p, a in zip(prompts, answers)])["input_ids"]

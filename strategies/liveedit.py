@@ -337,7 +337,8 @@ class Method:
         """Meta-train on ``train`` (records with image, rephrase, image_rephrase and m_loc) with the
         reference's losses (``liveedit.py:354-465``): CE on reliability and generality, KL(post||pre)
         on image locality, the soft-routing relative + absolute losses and the hard-routing
-        neighbour + sentinel losses, all weighted 1. Returns statistics."""
+        neighbour + sentinel losses, all weighted 1. Starts from freshly initialised modules (``seed``
+        and ``Params.seed``), so a fit is reproducible; returns statistics."""
         self._require()
         p = self.params
         usable = [r for r in train if r.image is not None and r.image_rephrase is not None and r.m_loc is not None]
