@@ -381,8 +381,8 @@ MIN_IMAGE_LOCALITY, MIN_NEW_EXACT = 0.95, 3
 def test_meta_trained_liveedit_edits_generalises_and_keeps_locality_over_100_edits(vlm):
     """Meta-train on the synthetic train split, then 100 sequential edits of held-out scenes: the
     edits hold (reliability, text and image generality above the unedited model, and greedy answers
-    become the new target) while image locality stays high and text locality exact. About 80 s on a
-    quiet 2-core machine."""
+    become the new target) while image locality stays high and text locality exact. About 40 s on a
+    quiet machine (75 s under load)."""
     train, test = edit_records("train", 600, seed=0), edit_records("test", 100, seed=0)
     x, qs = torch.stack([r.image for r in test[:40]]), [r.src for r in test[:40]]
 
