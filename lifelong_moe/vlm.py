@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import difflib
+import re
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Sequence
@@ -38,18 +39,19 @@ class VlmBatch:
     """Tokenised, padded VQA inputs. ``labels`` are -100 except on the answer tokens and the closing
     EOS (the positions ``answer_mask`` marks); ``image_mask`` marks the image placeholder tokens,
     ``prompt_mask`` the other non-padding tokens (BOS, instruction, question). All ``[B, L]`` but
-    ``pixel_values`` ``[B, 3, S, S]``."""
+    ``pixel_values`` ``[B, 3, S, S]``, or None for text-only prompts (no image token, no image)."""
 
     input_ids: torch.Tensor
     attention_mask: torch.Tensor
-    pixel_values: torch.Tensor
+    pixel_values: torch.Tensor | None
     labels: torch.Tensor
     image_mask: torch.Tensor
     prompt_mask: torch.Tensor
     answer_mask: torch.Tensor
 
     def to(self, device) -> "VlmBatch":
-        return VlmBatch(**{f.name: getattr(self, f.name).to(device) for f in fields(self)})
+        return VlmBatch(**{f.name: None if getattr(self, f.name) is None else getattr(self, f.name).to(device)
+                           for f in fields(self)})
 
     def __len__(self) -> int:
         return self.input_ids.shape[0]
@@ -151,6 +153,9 @@ class VisionLanguageModel(nn.Module):
         if "{question}" not in self.prompt_template or self.image_token not in self.prompt_template:
             raise UserError(f"prompt_template must contain {{question}} and the image token {self.image_token!r}; "
                             f"got {self.prompt_template!r}")
+        # text-only prompts (pixel_values=None): the template without the image token and the space after it
+        self.text_template = re.sub(re.escape(self.image_token) + r"\s*", "", self.prompt_template, count=1)
+        self.current_batch: VlmBatch | None = None  # the batch logits()/generate_ids() is running (for hooks)
 
     # ------------------------------------------------------------------ construction
     @classmethod
@@ -228,8 +233,8 @@ class VisionLanguageModel(nn.Module):
         return r"(?:.*\.)?language_model\.layers\.\d+\.(?:self_attn|mlp)\.(?:" + "|".join(names) + ")"
 
     # ------------------------------------------------------------------ tokenisation
-    def prompt(self, question: str) -> str:
-        return self.prompt_template.replace("{question}", question.strip())
+    def prompt(self, question: str, text_only: bool = False) -> str:
+        return (self.text_template if text_only else self.prompt_template).replace("{question}", question.strip())
 
     def _expand(self, text: str) -> str:
         return text.replace(self.image_token, self.image_token * self.num_image_tokens)
@@ -240,18 +245,21 @@ class VisionLanguageModel(nn.Module):
             raise ValueError(f"pixel_values must have shape [{n}, 3, {s}, {s}] (one image per question), "
                              f"got {list(pixel_values.shape)}")
 
-    def encode(self, questions: Sequence[str], answers: Sequence[str] | None = None) -> list[tuple[list[int], int]]:
+    def encode(self, questions: Sequence[str], answers: Sequence[str] | None = None,
+               text_only: bool = False) -> list[tuple[list[int], int]]:
         """Per example ``(token ids, prompt length)``: the prompt's ids, then (with answers) the
         answer's ids and EOS. The answer's ids are those the prompt followed by one space and the
         answer tokenise to after the prompt's own ids (so a tokenizer that merges across the space
-        cannot shift them); if the prompt's ids are not a prefix there, the answer is tokenised alone."""
+        cannot shift them); if the prompt's ids are not a prefix there, the answer is tokenised alone.
+        ``text_only``: prompts without the image token (:attr:`text_template`)."""
         tok = self.tokenizer
-        prompts = [self._expand(self.prompt(q)) for q in questions]
+        prompts = [self._expand(self.prompt(q, text_only)) for q in questions]
         p_ids = tok(prompts)["input_ids"]
+        want = 0 if text_only else self.num_image_tokens
         for p, ids in zip(prompts, p_ids):
-            if ids.count(self.image_token_id) != self.num_image_tokens:
+            if ids.count(self.image_token_id) != want:
                 raise ValueError(f"prompt {p[:80]!r}... has {ids.count(self.image_token_id)} image tokens, expected "
-                                 f"{self.num_image_tokens} (the template must name {self.image_token!r} once)")
+                                 f"{want} (the template must name {self.image_token!r} once)")
         if answers is None:
             return [(list(ids), len(ids)) for ids in p_ids]
         full = tok([p + ANSWER_SEPARATOR + a.strip() for p, a in zip(prompts, answers)])["input_ids"]
@@ -266,13 +274,16 @@ class VisionLanguageModel(nn.Module):
             out.append((list(ids) + ans + [self.eos_token_id], len(ids)))
         return out
 
-    def batch(self, pixel_values: torch.Tensor, questions: Sequence[str], answers: Sequence[str] | None = None,
+    def batch(self, pixel_values: torch.Tensor | None, questions: Sequence[str], answers: Sequence[str] | None = None,
               padding_side: str = "right") -> VlmBatch:
-        """Tokenise and pad (right for teacher forcing; ``"left"`` for generation)."""
+        """Tokenise and pad (right for teacher forcing; ``"left"`` for generation). ``pixel_values``
+        None: text-only prompts (no image token, no image)."""
         if answers is not None and len(answers) != len(questions):
             raise ValueError(f"{len(questions)} questions but {len(answers)} answers")
-        self._check_images(pixel_values, len(questions))
-        enc = self.encode(questions, answers)
+        text_only = pixel_values is None
+        if not text_only:
+            self._check_images(pixel_values, len(questions))
+        enc = self.encode(questions, answers, text_only)
         length = max(len(ids) for ids, _ in enc)
         b = len(enc)
         input_ids = torch.full((b, length), self.pad_token_id, dtype=torch.long)
@@ -288,14 +299,26 @@ class VisionLanguageModel(nn.Module):
         answer = labels != IGNORE
         batch = VlmBatch(input_ids, attention, pixel_values, labels, image, valid & ~image & ~answer, answer)
         batch = batch.to(self.device)
-        batch.pixel_values = batch.pixel_values.to(self.dtype)
+        if not text_only:
+            batch.pixel_values = batch.pixel_values.to(self.dtype)
         return batch
+
+    @contextlib.contextmanager
+    def running(self, batch: VlmBatch):
+        """Expose ``batch`` as :attr:`current_batch` while the model runs on it, so forward hooks
+        (LiveEdit's routing) can read its image / prompt / answer masks."""
+        previous, self.current_batch = self.current_batch, batch
+        try:
+            yield batch
+        finally:
+            self.current_batch = previous
 
     # ------------------------------------------------------------------ teacher forcing
     def logits(self, batch: VlmBatch) -> torch.Tensor:
         """``[B, L, V]``: position ``t`` scores token ``t + 1``."""
-        return self.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
-                          pixel_values=batch.pixel_values).logits
+        with self.running(batch):
+            return self.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
+                              pixel_values=batch.pixel_values).logits
 
     forward = logits
 
@@ -324,16 +347,19 @@ class VisionLanguageModel(nn.Module):
 
     # ------------------------------------------------------------------ generation
     @torch.no_grad()
-    def generate_ids(self, pixel_values: torch.Tensor, questions: Sequence[str], max_new_tokens: int = 8) -> torch.Tensor:
+    def generate_ids(self, pixel_values: torch.Tensor | None, questions: Sequence[str],
+                     max_new_tokens: int = 8) -> torch.Tensor:
         """``[B, <= max_new_tokens]`` greedily generated token ids (KV cache, left padding), padded
-        with the pad id after EOS."""
+        with the pad id after EOS. ``pixel_values`` None: text-only prompts."""
         from transformers import GenerationConfig
 
         batch = self.batch(pixel_values, questions, padding_side="left")
         cfg = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=False, num_beams=1, use_cache=True,
                                eos_token_id=self.eos_token_id, pad_token_id=self.pad_token_id)
-        out = self.model.generate(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
-                                  pixel_values=batch.pixel_values, generation_config=cfg)
+        images = {} if batch.pixel_values is None else {"pixel_values": batch.pixel_values}
+        with self.running(batch):
+            out = self.model.generate(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
+                                      generation_config=cfg, **images)
         return out[:, batch.input_ids.shape[1]:]
 
     def decode(self, ids: torch.Tensor) -> list[str]:
@@ -345,6 +371,7 @@ class VisionLanguageModel(nn.Module):
             texts.append(self.tokenizer.decode(row, skip_special_tokens=True).strip())
         return texts
 
-    def generate(self, pixel_values: torch.Tensor, questions: Sequence[str], max_new_tokens: int = 8) -> list[str]:
+    def generate(self, pixel_values: torch.Tensor | None, questions: Sequence[str],
+                 max_new_tokens: int = 8) -> list[str]:
         """Greedy answers (KV cache, left padding, attention mask; stops at EOS), decoded, stripped."""
         return self.decode(self.generate_ids(pixel_values, questions, max_new_tokens))

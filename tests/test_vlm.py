@@ -347,3 +347,31 @@ def test_pretrain_vlm_learns_caches_and_loads_like_a_user_directory(capsys):
     assert main(["pretrain", "vlm", *args, "--force", "-q"]) == 0
     again = load_file(f"{path}/model.safetensors")
     assert weights.keys() == again.keys() and all(torch.equal(weights[k], again[k]) for k in weights)
+
+
+def test_text_only_prompts_have_no_image_and_generate_as_they_teacher_force(tiny):
+    """``pixel_values=None``: the template without the image token, spans still exact, the model
+    runs without an image, generation (KV cache) agrees with teacher forcing."""
+    tok = tiny.tokenizer
+    b = tiny.batch(None, QUESTIONS, ANSWERS)
+    assert b.pixel_values is None and not b.image_mask.any() and not (b.input_ids == tiny.image_token_id).any()
+    assert torch.equal(b.prompt_mask | b.answer_mask, b.attention_mask.bool())
+    for i, (q, a) in enumerate(zip(QUESTIONS, ANSWERS)):
+        assert b.input_ids[i][b.prompt_mask[i]].tolist() == tok(f"question: {q} answer:")["input_ids"]
+        answer = tok(a, add_special_tokens=False)["input_ids"] + [tiny.eos_token_id]
+        assert b.input_ids[i][b.answer_mask[i]].tolist() == answer
+    bi = tiny.batch(images(4), QUESTIONS, ANSWERS)
+    with torch.no_grad():
+        text, imaged = tiny.logits(b), tiny.logits(bi)
+    assert not torch.allclose(text[b.answer_mask], imaged[bi.answer_mask], atol=1e-3)  # really no image
+    ids = tiny.generate_ids(None, QUESTIONS, max_new_tokens=3)
+    for i in range(4):  # batched (left padded) == one by one
+        one = tiny.generate_ids(None, QUESTIONS[i:i + 1], max_new_tokens=3)[0]
+        assert one.tolist() == ids[i, :len(one)].tolist()
+    answers = tiny.decode(ids)
+    tf = tiny.batch(None, QUESTIONS, answers)
+    with torch.no_grad():
+        pred = tiny.logits(tf).argmax(-1)
+    for i in range(4):
+        pos = tf.answer_mask[i].nonzero().flatten()[:-1]
+        assert pred[i, pos - 1].tolist() == ids[i, :len(pos)].tolist()

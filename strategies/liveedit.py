@@ -1,0 +1,544 @@
+"""LiveEdit (Chen et al., "Lifelong Knowledge Editing for Vision Language Models with Low-Rank
+Mixture-of-Experts", CVPR 2025; official code ``qizhou000/LiveEdit``): lifelong knowledge editing of
+a frozen VLM by generated low-rank experts, a vision-sentinel hard filter and soft text routing.
+
+- A forward hook on one decoder block (``layer``, default the block at 2/3 of the depth, the
+  reference's 21 of 32) adds ``sum_m w_m * ReLU(LN(h) C_m^T) R_m`` to its output at every position; the backbone never
+  changes, and with no edit stored (or none routed) the block's output is returned untouched.
+- An edit is one frozen pass to that block on the edit (image, prompt + target), then two generators
+  (learned-query cross-attention over the vision, prompt and answer spans) give ``C, R [rank, d]`` and
+  the edit-side extractor the routing keys psi (text) and phi (text-conditioned visual).
+- Routing of an input (its own pass to the block; input-side extractor): keep expert m iff
+  ``sim(phi_in, phi_m) > sim(phi_in, phi_sentinel)`` (the learned pseudo-image under the same
+  question), then ``w = softmax(s) * sigmoid(s)`` over the kept experts with ``s = sim(psi_in, psi_m)``.
+  Inputs without an image bypass the experts. The store is one stacked bank built in
+  :meth:`Method.set_edits`; routing is one batched similarity against all of it.
+- Generation: routing is decided on the prompt pass and reused on every cached step, so the
+  residual applies to every generated token (the reference applies it on the first forward only).
+- :meth:`Method.fit` meta-trains generators, extractors and the residual's LayerNorm on train
+  records with the reference's losses and expert masks (``liveedit.py:251-465``), resuming the
+  frozen backbone *after* the hooked block (the reference runs that block twice in training).
+See ``docs/liveedit.md`` for every deviation from the reference."""
+from __future__ import annotations
+
+import time
+from typing import Mapping, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from pydantic import Field
+from torch import nn
+
+from lifelong_moe.config import Strict
+from lifelong_moe.editing.liveedit_modules import (FeatureExtractor, LowRankGenerator, expert_residual,
+                                                   paired_similarity, routed_residual, slot_similarity,
+                                                   soft_weights)
+from lifelong_moe.editing.types import EditRecord
+from lifelong_moe.errors import UserError
+from lifelong_moe.vlm import IGNORE
+
+__all__ = ["Params", "Method", "default_layer"]
+
+EDIT_KEYS = ("c", "r", "text_key", "vision_key")
+
+
+class Params(Strict):
+    """LiveEdit's settings. The reference's sizes (``configs/liveedit/*.yaml``) are for 7B models
+    (d_m 1024, 8 heads); the defaults here suit the tiny VLM (d 128)."""
+
+    layer: int | None = Field(None, description="hooked decoder block; None = the block at 2/3 of the depth "
+                              "(ceil(2 depth / 3) - 1: 21 of 32 as the reference, 2 of 4)")
+    rank: int = Field(4, ge=1, description="rank r of each expert (C, R in R^{r x d})")
+    module_dim: int = Field(64, ge=1, description="width d_m of queries and routing features")
+    heads: int = Field(4, ge=1, description="attention heads of generators and extractors")
+    slots: int = Field(4, ge=1, description="learned query slots of the routing features (eqe_n)")
+    lora_scale: float = Field(5.0, gt=0, description="generated experts are scaled by 1/(lora_scale*sqrt(r))")
+    steps: int = Field(1000, ge=0, description="meta-training steps")
+    lr: float = Field(1e-3, gt=0, description="Adam learning rate of meta-training")
+    lr_cut_steps: list[int] = Field(default_factory=list, description="steps after which lr is multiplied by 0.1")
+    batch_size: int = Field(8, ge=2, description="edits per meta-training batch")
+    hard_filter: bool = Field(True, description="vision-sentinel hard filter (False: every expert passes)")
+    max_experts: int | None = Field(None, ge=1, description="keep at most this many experts per input (the "
+                                    "largest soft weights among those passing the filter); None = all, "
+                                    "as the reference")
+    every_generation_step: bool = Field(True, description="apply the residual on every cached generation "
+                                        "step (False: the reference's first forward only)")
+    cache_train_states: bool = Field(True, description="run the frozen backbone once per train record and keep "
+                                     "its hooked-block states (memory: records x 4 x length x d floats); False "
+                                     "reruns it every step (large backbones)")
+    seed: int = Field(0, description="initialisation of the trainable modules")
+
+
+def default_layer(depth: int) -> int:
+    """Index of the block at 2/3 of the depth, ceil(2 depth / 3) - 1: 21 of 32 as the reference hooks
+    for its three 32-layer LLMs (``configs/liveedit/*.yaml``: ``edit_layer_i: 21``), 2 of 4 for the tiny
+    VLM (so one block still follows the edited one, as eleven do in the reference)."""
+    return max(0, -(-2 * depth // 3) - 1)
+
+
+class _Stop(Exception):
+    """Raised by the capture hook to end a forward pass at the hooked block."""
+
+
+class _Nets(nn.Module):
+    def __init__(self, p: Params, d: int, n_vision: int):
+        super().__init__()
+        self.edit_extractor = FeatureExtractor(d, p.module_dim, p.slots, p.heads)
+        self.input_extractor = FeatureExtractor(d, p.module_dim, p.slots, p.heads, sentinel_tokens=n_vision)
+        self.gen_c = LowRankGenerator(d, p.module_dim, p.rank, p.heads, p.lora_scale)
+        self.gen_r = LowRankGenerator(d, p.module_dim, p.rank, p.heads, p.lora_scale)
+        self.residual_norm = nn.LayerNorm(d)  # the reference's "instant_reps_norm"
+
+
+class Method:
+    """LiveEdit as an :class:`~lifelong_moe.editing.types.EditMethod`."""
+
+    name = "liveedit"
+    supports_delete = True
+
+    def __init__(self, params: Params | None = None):
+        self.params = params or Params()
+        self.vlm = None
+        self.nets: _Nets | None = None
+        self.layer: int | None = None
+        self._pending_state: dict | None = None
+        self._hooks: list = []
+        self._bank: dict[str, torch.Tensor] | None = None
+        self._capture: dict | None = None   # set while a pass stops at the hooked block
+        self._step: dict = {}               # the current model call: ids, attention, cached step or not
+        self._route = None                  # (weights [B, K], expert indices [K]) of the last prompt pass
+
+    # ------------------------------------------------------------------ lifecycle
+    def attach(self, vlm) -> None:
+        if self.vlm is not None:
+            self.detach()
+        layers = vlm.decoder_layers
+        depth = len(layers)
+        layer = default_layer(depth) if self.params.layer is None else self.params.layer
+        if not 0 <= layer < depth:
+            raise UserError(f"liveedit.layer: {layer} is not a decoder block of {vlm.name or 'the VLM'} "
+                            f"(0..{depth - 1})")
+        self.vlm, self.layer = vlm, layer
+        d = vlm.language_model.config.hidden_size
+        sentinel = None if self.nets is None else self.nets.input_extractor.sentinel
+        if sentinel is not None and tuple(sentinel.shape[1:]) == (vlm.num_image_tokens, d):
+            self.nets.to(vlm.device)  # re-attached: keep the learned weights
+        else:
+            self._init_nets(d, vlm.num_image_tokens, self.params.seed)
+        if self._pending_state is not None:
+            self.load_state_dict(self._pending_state)
+            self._pending_state = None
+        self._hooks = [vlm.model.register_forward_pre_hook(self._on_model_call, with_kwargs=True),
+                       vlm.model.register_forward_hook(self._after_model_call),
+                       layers[layer].register_forward_pre_hook(self._on_block_input, with_kwargs=True),
+                       layers[layer].register_forward_hook(self._on_block_output)]
+
+    def _init_nets(self, d: int, n_vision: int, seed: int) -> None:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            self.nets = _Nets(self.params, d, n_vision).to(self.vlm.device).eval()
+
+    def detach(self) -> None:
+        for h in self._hooks:
+            h.remove()
+        self._hooks, self.vlm, self._bank, self._route = [], None, None, None
+
+    def config(self) -> dict:
+        return {"name": self.name, **self.params.model_dump(), "resolved_layer": self.layer}
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        self._require()
+        return {k: v.detach().cpu().clone() for k, v in self.nets.state_dict().items()}
+
+    def load_state_dict(self, state: Mapping[str, torch.Tensor]) -> None:
+        if self.nets is None:  # before attach: loaded when the modules exist
+            self._pending_state = dict(state)
+            return
+        try:
+            self.nets.load_state_dict(dict(state), strict=True)
+        except RuntimeError as e:
+            raise UserError(f"liveedit: saved weights do not fit this configuration or backbone: "
+                            f"{str(e).splitlines()[0]}") from None
+
+    def _require(self):
+        if self.vlm is None:
+            raise RuntimeError("liveedit: attach(vlm) first")
+
+    # ------------------------------------------------------------------ hooks
+    def _on_model_call(self, module, args, kwargs):
+        ids = kwargs.get("input_ids", args[0] if args else None)
+        cache = kwargs.get("past_key_values")
+        cached = cache is not None and hasattr(cache, "get_seq_length") and cache.get_seq_length() > 0
+        self._step = {"ids": ids, "attention": kwargs.get("attention_mask"), "cached": cached}
+
+    def _after_model_call(self, module, args, output):
+        self._step = {}  # a block run outside a model call (e.g. the LLM alone) is never edited
+
+    def _on_block_input(self, module, args, kwargs):
+        if self._capture is not None:
+            self._capture["kwargs"] = dict(kwargs)
+
+    def _on_block_output(self, module, args, output):
+        hidden = output[0] if isinstance(output, tuple) else output
+        if self._capture is not None:
+            self._capture["hidden"] = hidden
+            raise _Stop
+        if self._bank is None or not self._step:
+            return output
+        if self._step.get("cached"):
+            if not self.params.every_generation_step or self._route is None:
+                return output
+            weights, idx = self._route
+        else:
+            masks = self._masks(hidden.shape[:2])
+            if masks is None:
+                self._route = None
+                return output
+            with torch.no_grad():
+                weights, idx = self._sparse(self.routing_from(hidden, *masks)[1])
+            self._route = (weights, idx)
+        if idx.numel() == 0 or weights.shape[0] != hidden.shape[0]:
+            return output
+        new = hidden + self._residual(hidden, weights, idx)
+        return (new, *output[1:]) if isinstance(output, tuple) else new
+
+    def _masks(self, shape) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """``(image_mask, prompt_mask)`` of the current call, or None when no row has an image.
+        From the VLM's running batch when it is this call's; otherwise every attended non-image token
+        counts as prompt (the reference's behaviour without ``query_range``)."""
+        ids = self._step.get("ids")
+        if ids is None or tuple(ids.shape) != tuple(shape):
+            return None
+        batch = getattr(self.vlm, "current_batch", None)
+        if batch is not None and batch.input_ids.shape == ids.shape and torch.equal(batch.input_ids, ids):
+            image, prompt = batch.image_mask, batch.prompt_mask
+        else:
+            attention = self._step.get("attention")
+            valid = torch.ones_like(ids, dtype=torch.bool) if attention is None else attention.bool()
+            image = valid & (ids == self.vlm.image_token_id)
+            prompt = valid & ~image
+        return (image, prompt) if image.any() else None
+
+    @staticmethod
+    def _sparse(weights: torch.Tensor):
+        """Each row's kept experts: ``(weights [B, K], indices [B, K])`` with K the most any row keeps
+        (rows with fewer padded by weight 0)."""
+        k = int(weights.ne(0).sum(1).max()) if weights.numel() else 0
+        w, idx = weights.topk(k, dim=1)
+        return w, idx
+
+    def _residual(self, hidden: torch.Tensor, weights: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            x = self.nets.residual_norm(hidden.float())
+            delta = routed_residual(x, self._bank["c"], self._bank["r"], weights, idx)
+        return delta.to(hidden.dtype)
+
+    # ------------------------------------------------------------------ routing
+    def routing_from(self, hidden: torch.Tensor, image: torch.Tensor, prompt: torch.Tensor):
+        """``(keep [B, M] bool, weights [B, M])`` of inputs whose hooked-block output is ``hidden``
+        against the whole bank: three batched similarities (visual, sentinel, text). Rows without an
+        image keep nothing."""
+        bank = self._bank
+        ext = self.nets.input_extractor
+        h = hidden.float()
+        psi = ext.text(h, prompt)
+        phi = ext.vision(h, prompt, h, image)
+        if self.params.hard_filter:
+            threshold = paired_similarity(phi, ext.sentinel_vision(h, prompt))
+            keep = slot_similarity(phi, bank["vision_key"]) > threshold[:, None]
+        else:
+            keep = torch.ones(h.shape[0], bank["c"].shape[0], dtype=torch.bool, device=h.device)
+        keep &= image.any(1, keepdim=True)
+        scores = slot_similarity(psi, bank["text_key"])
+        cap = self.params.max_experts
+        if cap is not None and cap < keep.shape[1]:  # a cost bound, not in the reference: the best-scored
+            top = scores.masked_fill(~keep, float("-inf")).topk(cap, dim=1).indices  # kept experts only
+            keep = keep & torch.zeros_like(keep).scatter_(1, top, True)
+        return keep, soft_weights(scores, keep)
+
+    @torch.no_grad()
+    def routing(self, batch) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(keep, weights)`` ``[B, M]`` of a :class:`~lifelong_moe.vlm.VlmBatch` over the stored edits."""
+        self._require()
+        if self._bank is None:
+            z = torch.zeros(len(batch), 0, device=self.vlm.device)
+            return z.bool(), z
+        hidden, _ = self._to_block(batch)
+        return self.routing_from(hidden, batch.image_mask, batch.prompt_mask)
+
+    # ------------------------------------------------------------------ edits
+    def set_edits(self, edits: Mapping[str, Mapping[str, torch.Tensor]]) -> None:
+        """Stack the stored edits into one bank (C, R ``[M, r, d]``; keys ``[M, slots, d_m]``)."""
+        self._require()
+        self._route = None
+        if not edits:
+            self._bank = None
+            return
+        want = self._edit_shapes()
+        for eid, e in edits.items():
+            bad = [k for k in EDIT_KEYS if k not in e or tuple(e[k].shape) != want[k]]
+            if bad:
+                raise UserError(f"liveedit: stored edit {eid!r} does not fit this configuration ({bad[0]}: "
+                                f"expected shape {list(want[bad[0]])}); it was made with other settings or backbone")
+        dev = self.vlm.device
+        self._bank = {k: torch.stack([e[k] for e in edits.values()]).to(dev, torch.float32) for k in EDIT_KEYS}
+
+    def _edit_shapes(self) -> dict[str, tuple[int, ...]]:
+        p, d = self.params, self.nets.residual_norm.normalized_shape[0]
+        return {"c": (p.rank, d), "r": (p.rank, d), "text_key": (p.slots, p.module_dim),
+                "vision_key": (p.slots, p.module_dim)}
+
+    @torch.no_grad()
+    def make_edit(self, record: EditRecord) -> dict[str, torch.Tensor]:
+        """One frozen pass to the hooked block on (image, src + alt), then the generators and the
+        edit-side extractor: ``{"c", "r": [r, d], "text_key", "vision_key": [slots, d_m]}`` on CPU."""
+        self._require()
+        if record.image is None:
+            raise UserError("liveedit: an edit needs an image (its visual key routes it)")
+        batch = self.vlm.batch(record.image.unsqueeze(0), [record.src], [record.alt])
+        hidden, _ = self._to_block(batch)
+        out = self._edit_tensors(hidden.float(), batch)
+        return {k: v[0].cpu() for k, v in out.items()}
+
+    def _edit_tensors(self, h: torch.Tensor, batch) -> dict[str, torch.Tensor]:
+        span = batch.image_mask | batch.prompt_mask | batch.answer_mask
+        ext = self.nets.edit_extractor
+        return {"c": self.nets.gen_c(h, span), "r": self.nets.gen_r(h, span),
+                "text_key": ext.text(h, batch.prompt_mask),
+                "vision_key": ext.vision(h, batch.prompt_mask, h, batch.image_mask)}
+
+    # ------------------------------------------------------------------ partial forwards
+    @torch.no_grad()
+    def _to_block(self, batch) -> tuple[torch.Tensor, dict]:
+        """The frozen backbone up to the hooked block's output (no residual): ``(hidden, the block's
+        call kwargs)`` to resume from."""
+        self._capture = {}
+        try:
+            self.vlm.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
+                           pixel_values=batch.pixel_values, use_cache=False)
+        except _Stop:
+            pass
+        finally:
+            captured, self._capture = self._capture, None
+        return captured["hidden"], captured["kwargs"]
+
+    def _resume(self, hidden: torch.Tensor, kwargs: dict) -> torch.Tensor:
+        """Logits from the hooked block's (edited) output: the blocks after it, the final norm and the
+        LM head (so the hooked block runs once, unlike the reference's training forward)."""
+        lm = self.vlm.language_model
+        for block in lm.layers[self.layer + 1:]:
+            out = block(hidden, **kwargs)
+            hidden = out[0] if isinstance(out, tuple) else out
+        return self.vlm.model.get_output_embeddings()(lm.norm(hidden))
+
+    # ------------------------------------------------------------------ meta-training
+    def fit(self, train: Sequence[EditRecord], *, seed: int = 0) -> dict:
+        """Meta-train on ``train`` (records with image, rephrase, image_rephrase and m_loc) with the
+        reference's losses (``liveedit.py:354-465``): CE on reliability and generality, KL(post||pre)
+        on image locality, the soft-routing relative + absolute losses and the hard-routing
+        neighbour + sentinel losses, all weighted 1. Starts from freshly initialised modules (``seed``
+        and ``Params.seed``), so a fit is reproducible; returns statistics."""
+        self._require()
+        p = self.params
+        usable = [r for r in train if r.image is not None and r.image_rephrase is not None and r.m_loc is not None]
+        if len(usable) < p.batch_size:
+            raise UserError(f"liveedit.fit: needs at least batch_size={p.batch_size} train records with image, "
+                            f"image_rephrase and m_loc; got {len(usable)}")
+        self._init_nets(self.nets.residual_norm.normalized_shape[0], self.vlm.num_image_tokens, p.seed + seed)
+        rng = np.random.default_rng([seed, 0x11FE])
+        opt = torch.optim.Adam(self.nets.parameters(), lr=p.lr)
+        bank, self._bank = self._bank, None
+        start, history = time.perf_counter(), []
+        try:
+            cache = self._frozen_cache(usable) if p.cache_train_states else None
+            cache_seconds = time.perf_counter() - start
+            self.nets.train()
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(seed)
+                for step in range(p.steps):
+                    for g in opt.param_groups:
+                        g["lr"] = p.lr * 0.1 ** sum(step >= s for s in p.lr_cut_steps)
+                    pick = rng.choice(len(usable), p.batch_size, replace=False)
+                    frozen = self._from_cache(cache, pick) if cache else self._frozen([usable[i] for i in pick])
+                    losses = self._meta_losses(frozen, rng)
+                    loss = sum(losses.values())
+                    opt.zero_grad(set_to_none=True)
+                    loss.backward()
+                    opt.step()
+                    history.append({k: float(v.detach()) for k, v in losses.items()})
+        finally:
+            self.nets.eval()
+            self._bank = bank
+        last = history[-min(20, len(history)):] if history else []
+        return {"steps": p.steps, "train_records": len(usable), "seconds": round(time.perf_counter() - start, 2),
+                "frozen_pass_seconds": round(cache_seconds, 2),
+                "final_losses": {k: round(float(np.mean([h[k] for h in last])), 4) for k in (last[0] if last else {})}}
+
+    # the four inputs of every train record, in this order (reference organize_batch_data)
+    _KINDS = ("rel", "text_gen", "image_gen", "image_loc")
+
+    def _frozen(self, recs: list[EditRecord]) -> dict:
+        """One frozen pass to the hooked block over the records' four inputs (rows: all rel, then
+        text-gen, image-gen, image-loc): hidden states, the blocks' call kwargs, spans, labels, and
+        the pre-edit log-probabilities of the image-loc rows."""
+        b = len(recs)
+        images = torch.stack([r.image for r in recs] * 2 + [r.image_rephrase for r in recs] + [r.m_loc for r in recs])
+        questions = ([r.src for r in recs] + [r.rephrase or r.src for r in recs] + [r.src for r in recs]
+                     + [r.m_loc_q for r in recs])
+        batch = self.vlm.batch(images, questions, [r.alt for r in recs] * 3 + [r.m_loc_a for r in recs])
+        hidden, kwargs = self._to_block(batch)
+        with torch.no_grad():
+            pre_loc = self._resume(hidden[3 * b:], self._slice_kwargs(kwargs, slice(3 * b, 4 * b)))
+        return {"hidden": hidden, "kwargs": kwargs, "image": batch.image_mask, "prompt": batch.prompt_mask,
+                "answer": batch.answer_mask, "labels": batch.labels, "attention": batch.attention_mask,
+                "pre_loc": pre_loc.float().log_softmax(-1)}
+
+    @staticmethod
+    def _slice_kwargs(kwargs: dict, rows: slice) -> dict:
+        """The block kwargs of some rows: batch-first tensors (the attention mask) are cut, shared ones
+        (rotary embeddings of broadcast positions) kept."""
+        out = {}
+        for k, v in kwargs.items():
+            if isinstance(v, torch.Tensor) and v.ndim == 4 and k == "attention_mask":
+                v = v[rows]
+            elif isinstance(v, tuple) and all(isinstance(t, torch.Tensor) for t in v):
+                v = tuple(t[rows] if t.shape[0] > 1 else t for t in v)
+            out[k] = v
+        return out
+
+    @torch.no_grad()
+    def _frozen_cache(self, recs: list[EditRecord], chunk: int = 32) -> list[list[dict]]:
+        """Per record and input kind, the frozen pass's row trimmed to its length (hidden states,
+        spans, labels, pre-edit loc log-probabilities): the backbone runs once per record, not per
+        step (``cache_train_states``)."""
+        cache = []
+        for i in range(0, len(recs), chunk):
+            part = recs[i:i + chunk]
+            f = self._frozen(part)
+            b = len(part)
+            for j in range(b):
+                rows = []
+                for k in range(4):
+                    row = k * b + j
+                    n = int(f["attention"][row].sum())  # right padding: the row's tokens come first
+                    item = {key: f[key][row, :n].clone() for key in ("hidden", "image", "prompt", "answer", "labels")}
+                    if k == 3:
+                        item["pre_loc"] = f["pre_loc"][j, :n].clone()
+                    rows.append(item)
+                cache.append(rows)
+        return cache
+
+    def _from_cache(self, cache: list[list[dict]], pick) -> dict:
+        """A training batch like :meth:`_frozen`'s, from cached rows (right padded); the blocks'
+        kwargs (causal mask, rotary embeddings) are rebuilt by the language model for that shape."""
+        rows = [cache[i][k] for k in range(4) for i in pick]
+        length = max(len(r["labels"]) for r in rows)
+        dev = self.vlm.device
+
+        def pad(key, fill):
+            out = torch.full((len(rows), length, *rows[0][key].shape[1:]), fill, dtype=rows[0][key].dtype, device=dev)
+            for i, r in enumerate(rows):
+                out[i, :len(r[key])] = r[key]
+            return out
+
+        attention = torch.zeros(len(rows), length, dtype=torch.long, device=dev)
+        for i, r in enumerate(rows):
+            attention[i, :len(r["labels"])] = 1
+        b = len(pick)
+        loc = rows[3 * b:]
+        pre_loc = torch.zeros(b, length, loc[0]["pre_loc"].shape[-1], device=dev)
+        for i, r in enumerate(loc):
+            pre_loc[i, :len(r["pre_loc"])] = r["pre_loc"]
+        hidden = pad("hidden", 0.0)
+        return {"hidden": hidden, "kwargs": self._block_kwargs(hidden, attention), "image": pad("image", False),
+                "prompt": pad("prompt", False), "answer": pad("answer", False), "labels": pad("labels", IGNORE),
+                "attention": attention, "pre_loc": pre_loc}
+
+    @torch.no_grad()
+    def _block_kwargs(self, hidden: torch.Tensor, attention: torch.Tensor) -> dict:
+        """The kwargs the language model gives its decoder blocks for inputs of this shape and padding
+        (causal mask, positions, rotary embeddings): it is run on zeros and stopped at its first block."""
+        if self.layer == len(self.vlm.decoder_layers) - 1:
+            return {}  # nothing runs after the hooked block but the final norm
+        captured = {}
+
+        def grab(module, args, kwargs):
+            captured.update(kwargs)
+            raise _Stop
+
+        handle = self.vlm.decoder_layers[0].register_forward_pre_hook(grab, with_kwargs=True)
+        try:
+            self.vlm.language_model(inputs_embeds=torch.zeros_like(hidden), attention_mask=attention, use_cache=False)
+        except _Stop:
+            pass
+        finally:
+            handle.remove()
+        return captured
+
+    def _meta_losses(self, f: dict, rng: np.random.Generator) -> dict[str, torch.Tensor]:
+        """The reference's training losses (``liveedit.py:354-465``) on one frozen batch."""
+        dev = self.vlm.device
+        hidden = f["hidden"]
+        h = hidden.float()
+        b = h.shape[0] // 4
+        pre_loc = f["pre_loc"]
+        rel = slice(0, b)
+        # experts of each edit, and routing features (edit side: the edit and the loc item)
+        span = f["image"] | f["prompt"] | f["answer"]
+        c, r = self.nets.gen_c(h[rel], span[rel]), self.nets.gen_r(h[rel], span[rel])
+        ee, ie = self.nets.edit_extractor, self.nets.input_extractor
+        pm, im = f["prompt"], f["image"]
+        psi_edit, phi_edit = ee.text(h, pm), ee.vision(h, pm, h, im)      # rows: every input as an edit
+        psi_in, phi_in = ie.text(h, pm), ie.vision(h, pm, h, im)
+        # expert masks that simulate a growing store (liveedit.py:279-292): own expert(s) + a random
+        # prefix of the other in-batch experts; locality inputs a random prefix only
+        mask = torch.zeros(4 * b, b, dtype=torch.bool)
+        order = rng.permutation(b)
+        for kind in range(4):
+            for j in range(b):
+                row = kind * b + j
+                if kind < 3:
+                    others = [k for k in order if k != j]
+                    mask[row, others[:rng.integers(0, b)]] = True
+                    mask[row, j] = True
+                else:
+                    mask[row, order[:rng.integers(0, b + 1)]] = True
+        mask = mask.to(dev)
+        weights = soft_weights(slot_similarity(psi_in, psi_edit[rel]), mask)
+        delta = expert_residual(self.nets.residual_norm(h), c, r, weights)
+        logits = self._resume((h + delta).to(hidden.dtype), f["kwargs"]).float()
+        lg, y = logits[:, :-1], f["labels"][:, 1:]
+        ce = F.cross_entropy(lg.reshape(-1, lg.shape[-1]), y.reshape(-1), ignore_index=IGNORE,
+                             reduction="none").view(y.shape)
+        on = (y != IGNORE).float()
+        per_sample = (ce * on).sum(1) / on.sum(1).clamp_min(1)
+        post_loc = lg[3 * b:].log_softmax(-1)
+        kl = (post_loc.exp() * (post_loc - pre_loc[:, :-1])).sum(-1)
+        loc_on = on[3 * b:]
+        losses = {"rel": per_sample[rel].mean(), "gen": per_sample[b:2 * b].mean() + per_sample[2 * b:3 * b].mean(),
+                  "loc": ((kl * loc_on).sum(1) / loc_on.sum(1).clamp_min(1)).mean()}
+        # soft routing (liveedit.py:424-438): input j (rel / gen / loc) against edit-side features of
+        # each sample: the edit itself for rel / gen inputs, the same loc item for a loc input
+        idx = torch.arange(b, device=dev)
+        kind = torch.as_tensor(rng.integers(0, 4, b), device=dev)
+        rows = kind * b + idx
+        edit_rows = torch.where(kind == 3, 3 * b + idx, idx)
+        s = slot_similarity(psi_in[rows], psi_edit[edit_rows])
+        losses["route_rel"] = F.cross_entropy(s, idx)
+        losses["route_abs"] = -(F.logsigmoid(s[idx, idx]) + F.logsigmoid(-s[idx, (idx - 1) % b])).mean()
+        # hard routing (liveedit.py:439-458): visual similarities with a sentinel column; a related
+        # pair must beat every other edit and the sentinel, an unrelated one must lose to the sentinel
+        kind = torch.as_tensor(rng.integers(0, 4, b), device=dev)
+        side_loc = torch.as_tensor(rng.random(b) < 0.5, device=dev)
+        rows = kind * b + idx
+        edit_rows = torch.where(side_loc, 3 * b + idx, idx)
+        v = slot_similarity(phi_in[rows], phi_edit[edit_rows])
+        sentinel = paired_similarity(phi_in[rows], ie.sentinel_vision(h[rows], pm[rows]))
+        logp = torch.cat([v, sentinel[:, None]], 1).log_softmax(-1)
+        related = (kind == 3) == side_loc
+        target = torch.where(related, idx, torch.full_like(idx, b))
+        picked = logp[idx, target]
+        losses["hard_neighbour"] = -(picked * related).sum() / related.sum().clamp_min(1)
+        losses["hard_sentinel"] = -(picked * ~related).sum() / (~related).sum().clamp_min(1)
+        return losses
