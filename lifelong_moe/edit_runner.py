@@ -46,7 +46,7 @@ def load_data(cfg: EditConfig, vlm):
             raise UserError("data.source: synthetic needs streams/edit_synthetic.py (not in this installation); "
                             "use data.source: json") from None
         train = edit_records("train", d.train, seed=cfg.seed) if d.train else []
-        return train, edit_records("eval", d.eval, seed=cfg.seed)
+        return train, edit_records("test", d.eval, seed=cfg.seed)
     from .editing.records import load_records
 
     train = load_records(d.train_path, vlm, image_root=d.image_root, ignore_fields=d.ignore_fields) \
