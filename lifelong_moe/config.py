@@ -374,12 +374,21 @@ def load_config(path: str | Path, overrides: list[str] | None = None, only: list
     the named variants (before overrides apply, so an override may name a key only they have)."""
     base = read_yaml_tree(path)
     base.setdefault("name", Path(path).stem)
+    return expand_variants(base, overrides, only, validate)
+
+
+def expand_variants(base: dict, overrides: list[str] | None, only: list[str] | None, validate_fn,
+                    replaced: tuple[str, ...] = ()) -> list:
+    """``validate_fn`` of each variant of ``base`` (its ``variants:`` list, each merged over the rest;
+    keys in ``replaced`` are taken whole from the variant, not merged), ``overrides`` applied after
+    the merge; ``only`` keeps the named variants. Without ``variants:``, ``[validate_fn(base)]``."""
+    base = dict(base)
     overrides = list(overrides or [])
     if any(o.partition("=")[0].strip().split(".")[0] == "variants" for o in overrides):
         raise ConfigError("variants cannot be set by an override; edit them in the file (and pick some with --only)")
     variants = base.pop("variants", None)
     if variants is None:
-        return [validate(apply_overrides(base, overrides))]
+        return [validate_fn(apply_overrides(base, overrides))]
     if not isinstance(variants, list) or not all(isinstance(v, dict) and "name" in v for v in variants):
         raise ConfigError("variants: must be a list of mappings, each with a 'name'")
     names = [str(v["name"]) for v in variants]
@@ -395,9 +404,12 @@ def load_config(path: str | Path, overrides: list[str] | None = None, only: list
         v = dict(v)
         vname = str(v.pop("name"))
         merged = deep_merge(base, v)
+        for key in replaced:
+            if key in v:
+                merged[key] = v[key]
         merged["name"] = f"{base['name']}/{vname}"
         try:
-            out.append(validate(apply_overrides(merged, overrides)))
+            out.append(validate_fn(apply_overrides(merged, overrides)))
         except ConfigError as e:
             raise ConfigError(f"variant {vname!r}: {e}") from None
     return out

@@ -11,7 +11,7 @@ from typing import Any, Literal, Optional
 
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, model_validator
 
-from ..config import (OutputConfig, RuntimeConfig, Strict, VlmBackboneConfig, apply_overrides, deep_merge,
+from ..config import (OutputConfig, RuntimeConfig, Strict, VlmBackboneConfig, expand_variants,
                       format_validation_error, read_yaml_tree)
 from ..errors import ConfigError
 
@@ -125,32 +125,5 @@ def load_edit_config(source: str | Path | dict, overrides: list[str] | None = No
     else:
         base = read_yaml_tree(source)
         base.setdefault("name", Path(source).stem)
-    overrides = list(overrides or [])
-    if any(o.partition("=")[0].strip().split(".")[0] == "variants" for o in overrides):
-        raise ConfigError("variants cannot be set by an override; edit them in the file (and pick some with --only)")
-    variants = base.pop("variants", None)
-    if variants is None:
-        return [validate_edit_config(apply_overrides(base, overrides))]
-    if not isinstance(variants, list) or not all(isinstance(v, dict) and "name" in v for v in variants):
-        raise ConfigError("variants: must be a list of mappings, each with a 'name'")
-    names = [str(v["name"]) for v in variants]
-    if len(set(names)) != len(names):
-        raise ConfigError(f"variants: names must be unique, got {names}")
-    if only:
-        unknown = sorted(set(only) - set(names))
-        if unknown:
-            raise ConfigError(f"--only: no variant named {', '.join(map(repr, unknown))}; variants: {', '.join(names)}")
-        variants = [v for v in variants if str(v["name"]) in only]
-    out = []
-    for v in variants:
-        v = dict(v)
-        vname = str(v.pop("name"))
-        merged = deep_merge(base, v)
-        if "method" in v:  # a variant's method replaces the base's (other methods' params would not validate)
-            merged["method"] = v["method"]
-        merged["name"] = f"{base['name']}/{vname}"
-        try:
-            out.append(validate_edit_config(apply_overrides(merged, overrides)))
-        except ConfigError as e:
-            raise ConfigError(f"variant {vname!r}: {e}") from None
-    return out
+    # a variant's method replaces the base's (other methods' params would not validate)
+    return expand_variants(base, overrides, only, validate_edit_config, replaced=("method",))
