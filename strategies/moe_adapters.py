@@ -338,11 +338,7 @@ class Strategy(ClipStrategy):
         self._record(task.index, dec)
         routes = torch.where(dec >= 0, self.task_routes[dec.clamp(min=0)], torch.full_like(dec, -1))
         groups = routes.unique().tolist()
-        if groups == [-1] and plain is not None:
-            img = plain  # the frozen embedding, computed exactly as zero-shot CLIP does
-        else:
-            self.moe.set_task(groups[0] if len(groups) == 1 else routes.to(self.device), towers=("image",))
-            img = self.model.encode_image(x)
+        img = self._image_features(x, routes, groups, plain)
         out = None
         for r in groups:  # each group: its own text head; rows selected from a full-batch product
             logits = self.model.logit_scale * img @ self.class_features(head, r).t()
@@ -350,6 +346,28 @@ class Strategy(ClipStrategy):
                 return logits
             out = logits if out is None else torch.where((routes == r).to(logits.device)[:, None], logits, out)
         return out
+
+    def _image_features(self, x: torch.Tensor, routes: torch.Tensor, groups: list[int],
+                        plain: torch.Tensor | None) -> torch.Tensor:
+        """Image embeddings for per-sample ``routes`` (-1: zero-shot). When DDAS ran on CLIP features
+        (``plain``, the frozen pass), the rows it sends to zero-shot take their embedding from that
+        pass and the MoE pass runs on the routed rows only (with the per-sample router path and the
+        bypass mask's summation order, ``set_task(..., masked=True)``, so a routed row is computed as
+        in one masked pass over the whole batch; CPU kernels may still round a sub-batch differently
+        in the last bits). Otherwise one MoE pass over the batch with the zero-shot rows bypassed."""
+        if len(groups) == 1 and (groups[0] >= 0 or plain is None):
+            self.moe.set_task(groups[0], towers=("image",))
+            return self.model.encode_image(x)
+        if len(groups) == 1:
+            return plain  # the frozen embedding, computed exactly as zero-shot CLIP does
+        if -1 not in groups or plain is None:
+            self.moe.set_task(routes.to(self.device), towers=("image",))
+            return self.model.encode_image(x)
+        keep = routes >= 0
+        rows = keep.nonzero().flatten().to(self.device)
+        self.moe.set_task(routes[keep].to(self.device), towers=("image",), masked=True)
+        routed = self.model.encode_image(x.index_select(0, rows))
+        return plain.clone().index_copy_(0, rows, routed.to(plain.dtype))
 
     def _record(self, col: int, dec: torch.Tensor) -> None:
         key = (self.trained_count - 1, col)
