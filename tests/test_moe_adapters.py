@@ -1,6 +1,7 @@
 """MoE-Adapters + DDAS strategy (strategies/moe_adapters.py, lifelong_moe/moe/ddas.py) on a tiny
 random-init CLIP and tiny streams."""
 import copy
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -547,6 +548,54 @@ def test_bench_cli_passes_options_and_prints_the_record(monkeypatch, capsys):
     assert "MoE 300.0 ms, dense adapter 200.0 ms -> 1.50x" in out and "plain CLIP 100.0 ms -> 1.20x" in out
     assert "width k*64 (250.0 ms): 1.20x" in out
     assert "inference (128 images)" in out and "250.0 ms -> 2.50x" in out
+
+
+def test_bench_moe_scale_smoke_and_cli(monkeypatch, capsys):
+    import math
+
+    from lifelong_moe import bench_scale
+    from lifelong_moe.cli import main
+
+    r = bench_scale.scale_cost([3, 1], model="lmoe-tiny-vit", batch=2, repeats=1, warmup=0, threads=1, experts=4)
+    assert [row["tasks"] for row in r["rows"]] == [1, 3] and r["setup"]["ddas_dim"] == 256  # AlexNet conv5 at 32 px
+    for row in r["rows"]:
+        times = {**row["inference_s"], **row["parts_s"]}
+        assert all(math.isfinite(v) and v > 0 for v in times.values()), times
+        for key in ("moe", "ddas_loop", "ddas_stacked"):
+            assert row[f"ratio_{key}_vs_plain"] == pytest.approx(times[key] / times["plain"], rel=1e-12)
+        assert 1 <= row["tasks_in_batch"] <= min(2, row["tasks"])  # the reference autoencoder never wins
+    calls = []
+    monkeypatch.setattr(bench_scale, "scale_cost", lambda tasks, **kw: calls.append((tasks, kw)) or r)
+    assert main(["bench", "moe_scale", "--tasks", "2,7", "--batch", "3", "--repeats", "1", "--threads", "1"]) == 0
+    assert calls[-1] == ([2, 7], {"model": "ViT-B-16", "batch": 3, "repeats": 1, "threads": 1, "experts": 22, "k": 2,
+                                  "log": print})
+    assert main(["bench", "moe_scale", "--tasks", "x"]) == 2
+    assert "--tasks must be comma-separated integers" in capsys.readouterr().err
+
+
+def test_bench_quickstart_runs_cold_then_warm_on_one_fresh_cache(monkeypatch, tmp_path, capsys):
+    import subprocess
+
+    from lifelong_moe.cli import main
+
+    seen = []
+
+    def fake_run(cmd, env):
+        cache = Path(env["LIFELONG_MOE_CACHE"])
+        seen.append((cmd, cache, cache.exists() and any(cache.iterdir())))
+        cache.mkdir(parents=True, exist_ok=True)
+        (cache / "model.safetensors").write_text("x")  # what a cold run leaves behind
+        return subprocess.CompletedProcess(cmd, 0)
+
+    monkeypatch.setattr(subprocess, "run", fake_run)
+    keep = tmp_path / "keep"
+    assert main(["bench", "quickstart", "--only", "zeroshot", "--keep", str(keep)]) == 0
+    (cold, cache, warm_before), (warm, cache2, warm_now) = seen
+    assert cache == cache2 == keep / "cache" and not warm_before and warm_now
+    assert cold[-5:] == ["-o", str(keep / "run_cold"), "-q", "--only", "zeroshot"] and cold[1:4] == ["-m", "lifelong_moe", "run"]
+    assert "cold (empty cache, pretraining included) 0 min" in capsys.readouterr().out
+    assert main(["bench", "quickstart", "--keep", str(keep)]) == 2  # not empty: the cold run would be warm
+    assert main(["bench", "quickstart", "--config", str(tmp_path / "nope.yaml")]) == 2
 
 
 def test_pixel_features_keep_style_and_are_deterministic():
