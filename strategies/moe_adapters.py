@@ -56,6 +56,7 @@ class DDASParams(Strict):
     lr_decay_epochs: int = Field(10, gt=0)
     hidden: int = Field(100, gt=0)
     feature_cache_mb: float = Field(1024, ge=0)  # cache a task's frozen AE features up to this size
+    stacked: bool = False  # decide with one stacked forward of all autoencoders (same choices up to float rounding)
     # "general" images whose autoencoder routes to zero-shot (reference: TinyImageNet)
     reference_data: Union[Literal["none", "synthetic_pretrain"], SourceSpec] = "synthetic_pretrain"
     reference_samples: int = Field(1024, gt=0)  # synthetic_pretrain only
@@ -126,7 +127,7 @@ class Strategy(ClipStrategy):
             self.extractor = self._make_extractor(model).to(self.device)
             probe = torch.zeros(1, 3, model.image_size, model.image_size, device=self.device)
             dim = self.extractor(probe).shape[1]
-            self.ddas = DDAS(dim, p.ddas.hidden, num_tasks=n).to(self.device)
+            self.ddas = DDAS(dim, p.ddas.hidden, num_tasks=n, stacked=p.ddas.stacked).to(self.device)
 
     def _make_extractor(self, model):
         d = self.params.ddas

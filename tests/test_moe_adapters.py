@@ -319,7 +319,8 @@ def test_ddas_strategy_selects_domains_and_records(ddas_run):
 
 
 def test_ddas_ae_of_task_in_training_never_selected(domain_files):
-    stream, s, _ = domains(domain_files, {**SMALL, "ddas": FAST_DDAS})
+    stream, s, _ = domains(domain_files, {**SMALL, "ddas": {**FAST_DDAS, "stacked": True}})
+    assert s.ddas.stacked  # the stacked decision path, in the strategy
     s.train(stream.train_stream[0], eval_streams=[])
     s._fit_ddas(1, stream.train_stream[1].dataset)  # AE fitted, task 1 not trained
     assert "1" in s.ddas.task_aes
@@ -563,7 +564,7 @@ def test_bench_moe_scale_smoke_and_cli(monkeypatch, capsys):
         assert all(math.isfinite(v) and v > 0 for v in times.values()), times
         for key in ("moe", "ddas_loop", "ddas_stacked"):
             assert row[f"ratio_{key}_vs_plain"] == pytest.approx(times[key] / times["plain"], rel=1e-12)
-        assert 1 <= row["tasks_in_batch"] <= min(2, row["tasks"])  # the reference autoencoder never wins
+        assert row["tasks_in_batch"] == min(2, row["tasks"])
     calls = []
     monkeypatch.setattr(bench_scale, "scale_cost", lambda tasks, **kw: calls.append((tasks, kw)) or r)
     assert main(["bench", "moe_scale", "--tasks", "2,7", "--batch", "3", "--repeats", "1", "--threads", "1"]) == 0
