@@ -80,7 +80,7 @@ class DDAS(nn.Module):
         # stacked: one forward for all participating autoencoders (weights stacked once, cached);
         # equal to the per-autoencoder loop up to float rounding
         self.stacked = stacked
-        self._stack: tuple | None = None  # (key, tensors); the key holds the parameters it covers
+        self._stack: tuple | None = None  # (key, stacked tensors, the parameters the key names)
 
     def new_autoencoder(self) -> AutoEncoder:
         return AutoEncoder(self.dim, self.hidden).to(self.calibration.device)
