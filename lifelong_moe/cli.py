@@ -190,6 +190,10 @@ def cmd_bench(a) -> int:
         from .bench_cl_moe import main as bench_main
     elif a.what == "edit":
         from .bench_edit import main as bench_main
+    elif a.what == "moe_scale":
+        from .bench_scale import main as bench_main
+    elif a.what == "quickstart":
+        from .bench_quickstart import main as bench_main
     else:
         from .bench import main as bench_main
 
@@ -279,9 +283,11 @@ def parser() -> argparse.ArgumentParser:
     pt.add_argument("--cache-dir", help="cache root (default $LIFELONG_MOE_CACHE or ~/.cache/lifelong_moe)")
     pt.add_argument("-q", "--quiet", action="store_true")
     pt.set_defaults(fn=cmd_pretrain)
-    b = sub.add_parser("bench", help="cost benchmarks (moe: MoE-Adapters vs dense adapter and plain CLIP; cl_moe: CL-MoE vs one dense LoRA on the tiny VLM; edit: answering with 10,000 stored edits, edit() cost, bytes per edit)",
+    b = sub.add_parser("bench", help="cost benchmarks (moe: MoE-Adapters vs dense adapter and plain CLIP; cl_moe: CL-MoE vs one dense LoRA on the tiny VLM; "
+                       "moe_scale: MoE-Adapters + DDAS on ViT-B/16 shapes as tasks accumulate; quickstart: the CLIP quickstart cold and warm; "
+                       "edit: answering with 10,000 stored edits, edit() cost, bytes per edit)",
                        add_help=False)
-    b.add_argument("what", choices=["moe", "cl_moe", "edit"])
+    b.add_argument("what", choices=["moe", "cl_moe", "moe_scale", "quickstart", "edit"])
     b.add_argument("args", nargs=argparse.REMAINDER, help="options of python -m lifelong_moe.bench (--help)")
     b.set_defaults(fn=cmd_bench)
     sub.add_parser("list", help="known streams, datasets, backbones, strategies, metrics").set_defaults(fn=cmd_list)

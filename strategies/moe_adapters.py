@@ -57,6 +57,7 @@ class DDASParams(Strict):
     lr_decay_epochs: int = Field(10, gt=0)
     hidden: int = Field(100, gt=0)
     feature_cache_mb: float = Field(1024, ge=0)  # cache a task's frozen AE features up to this size
+    stacked: bool = False  # decide with one stacked forward of all autoencoders (same choices up to float rounding)
     # "general" images whose autoencoder routes to zero-shot (reference: TinyImageNet)
     reference_data: Union[Literal["none", "synthetic_pretrain"], SourceSpec] = "synthetic_pretrain"
     reference_samples: int = Field(1024, gt=0)  # synthetic_pretrain only
@@ -127,7 +128,7 @@ class Strategy(ClipStrategy):
             self.extractor = self._make_extractor(model).to(self.device)
             probe = torch.zeros(1, 3, model.image_size, model.image_size, device=self.device)
             dim = self.extractor(probe).shape[1]
-            self.ddas = DDAS(dim, p.ddas.hidden, num_tasks=n).to(self.device)
+            self.ddas = DDAS(dim, p.ddas.hidden, num_tasks=n, stacked=p.ddas.stacked).to(self.device)
 
     def _make_extractor(self, model):
         d = self.params.ddas
@@ -351,11 +352,7 @@ class Strategy(ClipStrategy):
         self._record(task.index, dec)
         routes = torch.where(dec >= 0, self.task_routes[dec.clamp(min=0)], torch.full_like(dec, -1))
         groups = routes.unique().tolist()
-        if groups == [-1] and plain is not None:
-            img = plain  # the frozen embedding, computed exactly as zero-shot CLIP does
-        else:
-            self.moe.set_task(groups[0] if len(groups) == 1 else routes.to(self.device), towers=("image",))
-            img = self.model.encode_image(x)
+        img = self._image_features(x, routes, groups, plain)
         out = None
         for r in groups:  # each group: its own text head; rows selected from a full-batch product
             logits = self.model.logit_scale * img @ self.class_features(head, r).t()
@@ -368,6 +365,28 @@ class Strategy(ClipStrategy):
         """torchrun: this row's DDAS choice counts summed over the ranks' test shards."""
         distributed.reduce_row_counts(self.records, self.trained_count - 1, len(self.tasks), len(self.tasks) + 1,
                                       self.device)
+
+    def _image_features(self, x: torch.Tensor, routes: torch.Tensor, groups: list[int],
+                        plain: torch.Tensor | None) -> torch.Tensor:
+        """Image embeddings for per-sample ``routes`` (-1: zero-shot). When DDAS ran on CLIP features
+        (``plain``, the frozen pass), the rows it sends to zero-shot take their embedding from that
+        pass and the MoE pass runs on the routed rows only (with the per-sample router path and the
+        bypass mask's summation order, ``set_task(..., masked=True)``, so a routed row is computed as
+        in one masked pass over the whole batch; CPU kernels may still round a sub-batch differently
+        in the last bits). Otherwise one MoE pass over the batch with the zero-shot rows bypassed."""
+        if len(groups) == 1 and (groups[0] >= 0 or plain is None):
+            self.moe.set_task(groups[0], towers=("image",))
+            return self.model.encode_image(x)
+        if len(groups) == 1:
+            return plain  # the frozen embedding, computed exactly as zero-shot CLIP does
+        if -1 not in groups or plain is None:
+            self.moe.set_task(routes.to(self.device), towers=("image",))
+            return self.model.encode_image(x)
+        keep = routes >= 0
+        rows = keep.nonzero().flatten().to(self.device)
+        self.moe.set_task(routes[keep].to(self.device), towers=("image",), masked=True)
+        routed = self.model.encode_image(x.index_select(0, rows))
+        return plain.clone().index_copy_(0, rows, routed.to(plain.dtype))
 
     def _record(self, col: int, dec: torch.Tensor) -> None:
         key = (self.trained_count - 1, col)

@@ -1,6 +1,7 @@
 """MoE-Adapters + DDAS strategy (strategies/moe_adapters.py, lifelong_moe/moe/ddas.py) on a tiny
 random-init CLIP and tiny streams."""
 import copy
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -255,6 +256,32 @@ def test_per_task_thresholds_judge_the_winning_task_by_its_own_tau(ddas):
     assert d.task_thresholds([0, 1]) == {0: pytest.approx(0.02)}
 
 
+def test_stacked_autoencoders_give_the_loop_errors_and_decisions(ddas):
+    """One stacked forward for all autoencoders = the per-autoencoder loop (float tolerance, same
+    decisions); the stack follows new, refitted and reloaded autoencoders."""
+    d, data = ddas
+    st = copy.deepcopy(d)
+    st.stacked = True
+    x = torch.cat([data[k][64:] for k in ("a", "b", "ref", "far")])
+    for active in ([0, 1], [1], []):
+        (e_loop, l_loop), (e_st, l_st) = d.errors(x, active), st.errors(x, active)
+        assert l_loop == l_st
+        torch.testing.assert_close(e_st, e_loop, rtol=1e-5, atol=1e-7)
+        assert torch.equal(st.decide(x, active, None), d.decide(x, active, None))
+        assert torch.equal(st.decide(x, active, {0: 0.05, 1: 0.05}), d.decide(x, active, {0: 0.05, 1: 0.05}))
+    chunked = st._stacked_errors(x, [st.reference, st.task_aes["0"]], max_floats=3 * 2 * 24)
+    torch.testing.assert_close(chunked, d.errors(x, [0])[0], rtol=1e-5, atol=1e-7)
+    st.errors(x, [0, 1])  # stack built for these three
+    fit_autoencoder(st.task_aes["1"], batches(data["a"]), iterations=5)  # refit in place: new version
+    loop = copy.deepcopy(st)
+    loop.stacked = False
+    torch.testing.assert_close(st.errors(x, [0, 1])[0], loop.errors(x, [0, 1])[0], rtol=1e-5, atol=1e-7)
+    st.set_task_ae(0, st.new_autoencoder())  # a new autoencoder object in a slot
+    assert not torch.allclose(st.errors(x, [0, 1])[0], loop.errors(x, [0, 1])[0])
+    st.load_state_dict(loop.state_dict())  # and loaded values (copied in place)
+    torch.testing.assert_close(st.errors(x, [0, 1])[0], loop.errors(x, [0, 1])[0], rtol=1e-5, atol=1e-7)
+
+
 def test_calibrated_threshold_is_max_of_task_quantiles():
     d = DDAS(4, num_tasks=3)
     assert d.calibrated_threshold([0, 1]) is None
@@ -292,7 +319,8 @@ def test_ddas_strategy_selects_domains_and_records(ddas_run):
 
 
 def test_ddas_ae_of_task_in_training_never_selected(domain_files):
-    stream, s, _ = domains(domain_files, {**SMALL, "ddas": FAST_DDAS})
+    stream, s, _ = domains(domain_files, {**SMALL, "ddas": {**FAST_DDAS, "stacked": True}})
+    assert s.ddas.stacked  # the stacked decision path, in the strategy
     s.train(stream.train_stream[0], eval_streams=[])
     s._fit_ddas(1, stream.train_stream[1].dataset)  # AE fitted, task 1 not trained
     assert "1" in s.ddas.task_aes
@@ -333,6 +361,44 @@ def test_ood_rows_get_exact_zero_shot_logits(ddas_run, domain_files, monkeypatch
         assert torch.allclose(mixed[forced == t], alone[forced == t], atol=1e-5)
     monkeypatch.setattr(s, "decisions", lambda x, task: (torch.full((8,), OOD), None))
     assert torch.equal(s.eval_logits(x, task, task.classes), ref)
+
+
+def full_pass_image_features(s, x, routes):
+    """The former evaluation: one MoE pass over the whole batch, zero-shot rows (-1) bypassed."""
+    s.moe.set_task(routes, towers=("image",))
+    return s.model.encode_image(x)
+
+
+@pytest.mark.parametrize("n", [6, 24])  # 6: per-sample gathered experts; 24: grouped by combination
+def test_zero_shot_rows_reuse_the_ddas_pass_and_moe_runs_on_routed_rows_only(ddas_run, n, monkeypatch):
+    """With DDAS on CLIP features, the rows sent to zero-shot take the frozen pass DDAS ran (bit for
+    bit) and no image runs through the towers twice; the routed rows equal those of one MoE pass
+    over the whole batch with the zero-shot rows bypassed (the former evaluation) up to rounding."""
+    from lifelong_moe.moe.experts import BottleneckExperts
+
+    stream, s, _, _, _ = ddas_run
+    x = torch.cat([sample_images(stream, 0, n // 2), sample_images(stream, 1, n - n // 2)])
+    paths = []
+    grouped = BottleneckExperts._forward_by_combination
+    monkeypatch.setattr(BottleneckExperts, "_forward_by_combination",
+                        lambda self, *a: paths.append("grouped") or grouped(self, *a))
+    s.model.eval()
+    with torch.no_grad():
+        for routes in (torch.tensor([0, -1, 1, -1, 0, 1] * (n // 6)), torch.tensor([-1, 1] * (n // 2)),
+                       torch.tensor([-1] * (n - 1) + [0])):
+            plain = s._frozen_image_features(x)
+            sizes = []
+            hook = s.model.clip.visual.register_forward_pre_hook(lambda m, a: sizes.append(a[0].shape[0]))
+            split = s._image_features(x, routes, routes.unique().tolist(), plain)
+            hook.remove()
+            keep = routes >= 0
+            assert sizes == [int(keep.sum())]
+            assert torch.equal(split[~keep], plain[~keep])
+            full = full_pass_image_features(s, x, routes)
+            assert torch.equal(full[~keep], plain[~keep])  # what the former pass gave them too
+            torch.testing.assert_close(split[keep], full[keep], rtol=0, atol=1e-6)
+            assert not torch.equal(split[keep], plain[keep])  # the experts did act
+    assert ("grouped" in paths) == (n == 24)
 
 
 def test_state_dict_resume_reproduces_eval_bit_identically(ddas_run, domain_files, tmp_path):
@@ -445,14 +511,16 @@ def test_bench_moe_cost_smoke():
                           "batch": 4, "prompts": 3, "infer_batch": 8, "repeats": 1, "threads": 1}
     times = {**{f"train.{k}": v for k, v in r["train_step_s"].items()},
              **{f"inference.{k}": v for k, v in r["inference_s"].items()}}
-    assert set(times) == {"train.moe", "train.dense", "inference.moe", "inference.plain", "inference.dense",
-                          "inference.dense_k", "inference.moe_ddas"}
+    assert set(times) == {"train.moe", "train.dense", "train.dense_k", "inference.moe", "inference.plain", "inference.dense",
+                          "inference.dense_k", "inference.moe_ddas", "inference.moe_ddas_before"}
     assert all(math.isfinite(v) and v > 0 for v in times.values()), times
     ratios = {"train_ratio_vs_dense_adapter": ("train.moe", "train.dense"),
+              "train_ratio_vs_dense_k_width": ("train.moe", "train.dense_k"),
               "inference_ratio_vs_plain_clip": ("inference.moe", "inference.plain"),
               "inference_ratio_vs_dense_adapter": ("inference.moe", "inference.dense"),
               "inference_ratio_vs_dense_k_width": ("inference.moe", "inference.dense_k"),
-              "inference_with_ddas_ratio_vs_plain_clip": ("inference.moe_ddas", "inference.plain")}
+              "inference_with_ddas_ratio_vs_plain_clip": ("inference.moe_ddas", "inference.plain"),
+              "inference_with_ddas_before_ratio_vs_plain_clip": ("inference.moe_ddas_before", "inference.plain")}
     for key, (num, den) in ratios.items():  # each ratio is the quotient of the times it names
         assert r[key] == pytest.approx(times[num] / times[den], rel=1e-12), key
 
@@ -464,7 +532,8 @@ def test_bench_cli_passes_options_and_prints_the_record(monkeypatch, capsys):
     from lifelong_moe.cli import main
 
     calls = []
-    record = {"setup": {"infer_batch": 128}, "train_step_s": {"moe": 0.3, "dense": 0.2},
+    record = {"setup": {"infer_batch": 128}, "train_step_s": {"moe": 0.3, "dense": 0.2, "dense_k": 0.25},
+              "train_ratio_vs_dense_k_width": 1.2,
               "inference_s": {"moe": 0.12, "plain": 0.1, "dense": 0.11, "dense_k": 0.115, "moe_ddas": 0.25},
               "train_ratio_vs_dense_adapter": 1.5, "inference_ratio_vs_plain_clip": 1.2,
               "inference_ratio_vs_dense_adapter": 0.12 / 0.11, "inference_ratio_vs_dense_k_width": 0.12 / 0.115,
@@ -478,7 +547,56 @@ def test_bench_cli_passes_options_and_prints_the_record(monkeypatch, capsys):
     assert calls[-1] == {"experts": 22, "k": 2, "model": "lmoe-tiny-vit-p4", "repeats": 30, "threads": 2}
     out = capsys.readouterr().out
     assert "MoE 300.0 ms, dense adapter 200.0 ms -> 1.50x" in out and "plain CLIP 100.0 ms -> 1.20x" in out
+    assert "width k*64 (250.0 ms): 1.20x" in out
     assert "inference (128 images)" in out and "250.0 ms -> 2.50x" in out
+
+
+def test_bench_moe_scale_smoke_and_cli(monkeypatch, capsys):
+    import math
+
+    from lifelong_moe import bench_scale
+    from lifelong_moe.cli import main
+
+    r = bench_scale.scale_cost([3, 1], model="lmoe-tiny-vit", batch=2, repeats=1, warmup=0, threads=1, experts=4)
+    assert [row["tasks"] for row in r["rows"]] == [1, 3] and r["setup"]["ddas_dim"] == 256  # AlexNet conv5 at 32 px
+    for row in r["rows"]:
+        times = {**row["inference_s"], **row["parts_s"]}
+        assert all(math.isfinite(v) and v > 0 for v in times.values()), times
+        for key in ("moe", "ddas_loop", "ddas_stacked"):
+            assert row[f"ratio_{key}_vs_plain"] == pytest.approx(times[key] / times["plain"], rel=1e-12)
+        assert row["tasks_in_batch"] == min(2, row["tasks"])
+    calls = []
+    monkeypatch.setattr(bench_scale, "scale_cost", lambda tasks, **kw: calls.append((tasks, kw)) or r)
+    assert main(["bench", "moe_scale", "--tasks", "2,7", "--batch", "3", "--repeats", "1", "--threads", "1"]) == 0
+    assert calls[-1] == ([2, 7], {"model": "ViT-B-16", "batch": 3, "repeats": 1, "threads": 1, "experts": 22, "k": 2,
+                                  "log": print})
+    assert main(["bench", "moe_scale", "--tasks", "x"]) == 2
+    assert "--tasks must be comma-separated integers" in capsys.readouterr().err
+
+
+def test_bench_quickstart_runs_cold_then_warm_on_one_fresh_cache(monkeypatch, tmp_path, capsys):
+    import subprocess
+
+    from lifelong_moe.cli import main
+
+    seen = []
+
+    def fake_run(cmd, env):
+        cache = Path(env["LIFELONG_MOE_CACHE"])
+        seen.append((cmd, cache, cache.exists() and any(cache.iterdir())))
+        cache.mkdir(parents=True, exist_ok=True)
+        (cache / "model.safetensors").write_text("x")  # what a cold run leaves behind
+        return subprocess.CompletedProcess(cmd, 0)
+
+    monkeypatch.setattr(subprocess, "run", fake_run)
+    keep = tmp_path / "keep"
+    assert main(["bench", "quickstart", "--only", "zeroshot", "--keep", str(keep)]) == 0
+    (cold, cache, warm_before), (warm, cache2, warm_now) = seen
+    assert cache == cache2 == keep / "cache" and not warm_before and warm_now
+    assert cold[-5:] == ["-o", str(keep / "run_cold"), "-q", "--only", "zeroshot"] and cold[1:4] == ["-m", "lifelong_moe", "run"]
+    assert "cold (empty cache, pretraining included) 0 min" in capsys.readouterr().out
+    assert main(["bench", "quickstart", "--keep", str(keep)]) == 2  # not empty: the cold run would be warm
+    assert main(["bench", "quickstart", "--config", str(tmp_path / "nope.yaml")]) == 2
 
 
 def test_pixel_features_keep_style_and_are_deterministic():

@@ -404,3 +404,54 @@ def test_no_grad_dispatch_by_combination_matches_naive():
     with torch.no_grad():
         ex(h, idx, w)
     assert len(calls) == 2
+
+
+def test_per_sample_router_stack_is_cached_and_follows_every_change():
+    """Per-sample task ids read all tasks' gates stacked ``[D, T*E]``: cached without autograd, and
+    the cache follows add_task, training steps on the current gate, grow, load_state_dict and
+    in-place edits of past gates (every result equals the stack built from scratch, bit for bit)."""
+    torch.manual_seed(0)
+    r = NoisyTopKRouter(8, 5, k=2, use_noise=False)
+
+    def fresh(c, ids):  # the uncached computation
+        stack = torch.cat([r.past_gate, r.gate.detach()[None]]).permute(1, 0, 2).reshape(8, -1)
+        return (c @ stack).view(len(c), r.num_tasks, r.num_experts)[torch.arange(len(c)), ids]
+
+    def check(c):
+        ids = torch.arange(len(c)) % r.num_tasks
+        with torch.no_grad():
+            got = r._project(c, ids, r.gate, r.past_gate)
+        assert torch.equal(got, fresh(c, ids))
+        return got
+
+    c = torch.randn(6, 8)
+    opt = None
+    for _ in range(3):  # tasks: add, train the current gate, evaluate per sample
+        r.add_task()
+        opt = torch.optim.SGD([r.gate], lr=0.5)
+        r.train()
+        r(c, r.num_tasks - 1).weights.sum().backward()  # int task: the training path
+        r.gate.grad = torch.randn_like(r.gate)
+        opt.step()
+        r.eval()
+        check(c)
+    assert len(r._stack_cache) == 1
+    buf = next(iter(r._stack_cache.values()))[2]
+    check(c)
+    assert next(iter(r._stack_cache.values()))[2] is buf  # reused, not rebuilt
+    with torch.no_grad():
+        r.past_gate[0].add_(1.0)  # an in-place edit of a past task's gate
+    check(c)
+    r.grow(2)
+    check(c)
+    other = NoisyTopKRouter(8, 5, k=2)
+    other.load_state_dict(r.state_dict())
+    with torch.no_grad():
+        r.past_gate.mul_(-1)
+    r.load_state_dict(other.state_dict())  # copied in place back to the saved values
+    check(c)
+    copy.deepcopy(r)._project(c, torch.zeros(6, dtype=torch.long), r.gate, r.past_gate)
+    with torch.enable_grad():  # autograd through the current gate: built, not cached
+        ids = torch.full((6,), r.num_tasks - 1)
+        r._project(c, ids, r.gate, r.past_gate).sum().backward()
+    assert r.gate.grad is not None and r.gate.grad.abs().sum() > 0

@@ -71,12 +71,16 @@ class DDAS(nn.Module):
     reference autoencoder is ``reference`` (or absent). ``calibration[t]`` holds task t's quantile of
     held-out in-distribution errors under its own autoencoder (NaN when not calibrated)."""
 
-    def __init__(self, dim: int, hidden: int = 100, num_tasks: int = 0):
+    def __init__(self, dim: int, hidden: int = 100, num_tasks: int = 0, stacked: bool = False):
         super().__init__()
         self.dim, self.hidden = dim, hidden
         self.task_aes = nn.ModuleDict()
         self.reference: AutoEncoder | None = None
         self.register_buffer("calibration", torch.full((num_tasks,), float("nan")))
+        # stacked: one forward for all participating autoencoders (weights stacked once, cached);
+        # equal to the per-autoencoder loop up to float rounding
+        self.stacked = stacked
+        self._stack: tuple | None = None  # (key, stacked tensors, the parameters the key names)
 
     def new_autoencoder(self) -> AutoEncoder:
         return AutoEncoder(self.dim, self.hidden).to(self.calibration.device)
@@ -106,7 +110,33 @@ class DDAS(nn.Module):
         slots += [(int(t), self.task_aes[str(int(t))]) for t in active if str(int(t)) in self.task_aes]
         if not slots:
             return feats.new_zeros(feats.shape[0], 0), []
+        if self.stacked and len(slots) > 1:
+            return self._stacked_errors(feats, [ae for _, ae in slots]), [s for s, _ in slots]
         return torch.stack([ae.errors(feats) for _, ae in slots], dim=1), [s for s, _ in slots]
+
+    def _stacked_weights(self, aes: list[AutoEncoder]) -> tuple[torch.Tensor, ...]:
+        """Encoders side by side ``[S*H, D]`` (+ biases), decoders as a batch ``[S, H, D]`` (+ biases
+        ``[S, D]``); rebuilt when an autoencoder, a parameter or its version changes."""
+        params = [p for ae in aes for p in (ae.encoder.weight, ae.encoder.bias, ae.decoder.weight, ae.decoder.bias)]
+        key = tuple((id(p), p._version) for p in params)
+        if self._stack is None or self._stack[0] != key:
+            self._stack = None  # free the old stack first
+            w = (torch.cat([ae.encoder.weight for ae in aes]), torch.cat([ae.encoder.bias for ae in aes]),
+                 torch.stack([ae.decoder.weight.t() for ae in aes]), torch.stack([ae.decoder.bias for ae in aes]))
+            self._stack = (key, tuple(t.detach().contiguous() for t in w), params)  # params: ids stay taken
+        return self._stack[1]
+
+    def _stacked_errors(self, feats: torch.Tensor, aes: list[AutoEncoder], max_floats: int = 2 ** 25) -> torch.Tensor:
+        """Errors [B, S] of ``S`` autoencoders in one encoder GEMM and one batched decoder GEMM
+        (chunked over samples so that the ``[S, b, D]`` reconstructions stay under ``max_floats``)."""
+        enc_w, enc_b, dec_w, dec_b = self._stacked_weights(aes)
+        S, H, D = dec_w.shape
+        out = []
+        for x in feats.split(max(1, max_floats // (S * D))):
+            z = F.relu(F.linear(x, enc_w, enc_b)).view(x.shape[0], S, H).transpose(0, 1)
+            rec = torch.sigmoid(torch.baddbmm(dec_b.unsqueeze(1), z, dec_w))  # [S, b, D]
+            out.append(rec.sub_(x).pow_(2).mean(dim=2).t())
+        return torch.cat(out)
 
     @torch.no_grad()
     def decide(self, feats: torch.Tensor, active, threshold: float | dict[int, float] | None,

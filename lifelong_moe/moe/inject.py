@@ -48,8 +48,10 @@ class MoEAdapter(nn.Module):
     def active(self) -> bool:
         return self._task is not None
 
-    def set_task(self, task) -> None:
-        """None / -1: bypass (exact frozen block); int t: task t's router; [B] ids, -1 = bypass."""
+    def set_task(self, task, masked: bool = False) -> None:
+        """None / -1: bypass (exact frozen block); int t: task t's router; [B] ids, -1 = bypass.
+        ``masked`` (per-sample ids only): sum ``out + MoE(h)`` as a batch with bypassed samples does,
+        so that a sample's result is bit-identical whether or not bypassed samples shared its batch."""
         self._task, self._keep, n = None, None, self.router.num_tasks
         if isinstance(task, numbers.Integral) and task >= n:
             raise ValueError(f"task {task} has no router (num_tasks={n}); call add_task() first")
@@ -62,7 +64,7 @@ class MoEAdapter(nn.Module):
         keep = t >= 0
         if bool(keep.any()):  # one host sync here, none per block
             self._task = t.clamp(min=0)
-            self._keep = None if bool(keep.all()) else keep
+            self._keep = None if bool(keep.all()) and not masked else keep
 
     def forward(self, out: torch.Tensor, h: torch.Tensor, inplace: bool = False) -> torch.Tensor:
         """Return ``out + MoE(h)`` (accumulated into ``out`` if ``inplace``); bypassed samples: ``out``."""
@@ -194,10 +196,11 @@ class MoEAdapters:
         """A new zero router in every block; earlier ones frozen. Returns the new task id."""
         return [m.router.add_task() for m in self.adapters.values()][-1]
 
-    def set_task(self, task, towers=None) -> None:
-        """None / int / per-sample ids [B] (-1 = bypass) on all branches, or only ``towers``."""
+    def set_task(self, task, towers=None, masked: bool = False) -> None:
+        """None / int / per-sample ids [B] (-1 = bypass) on all branches, or only ``towers``
+        (``masked``: see :meth:`MoEAdapter.set_task`)."""
         for m in self.select(towers):
-            m.set_task(task)
+            m.set_task(task, masked)
 
     def set_route_positions(self, positions: torch.Tensor, towers=("text",)) -> None:
         for m in self.select(towers):

@@ -6,6 +6,7 @@ pools of :mod:`.experts` dispatch directly; a dense (soft) router may return ``i
 """
 from __future__ import annotations
 
+import weakref
 from typing import NamedTuple
 
 import torch
@@ -61,6 +62,8 @@ class Router(nn.Module):
     def __getstate__(self):  # deepcopy / pickle: drop the stashed graph tensors
         state = dict(self.__dict__)
         state["_aux_args"], state["_aux_cache"] = None, None
+        if "_stack_cache" in state:
+            state["_stack_cache"] = {}  # weak references: rebuilt on demand
         return state
 
     def reset_usage(self) -> None:
@@ -107,6 +110,7 @@ class NoisyTopKRouter(Router):
         self.register_buffer("past_noise", torch.zeros(0, d_model, num_experts))
         self.register_buffer("logit_mask", torch.zeros(0, num_experts))  # [T, E]: 0 or _MASKED
         self._masked = False
+        self._stack_cache: dict = {}  # id(past buffer) -> (weakref, version, [D, T*E] buffer)
 
     @property
     def num_tasks(self) -> int:
@@ -140,9 +144,27 @@ class NoisyTopKRouter(Router):
         T, E = self.num_tasks, self.num_experts
         if isinstance(task, int):
             return c @ (current if task == T - 1 else past[task])
-        stack = torch.cat([past, current[None]])  # [T, D, E]; per-sample task ids [B]
-        all_logits = (c @ stack.permute(1, 0, 2).reshape(self.d_model, T * E)).view(-1, T, E)
+        all_logits = (c @ self._stacked(current, past)).view(-1, T, E)  # per-sample task ids [B]
         return all_logits.gather(1, task.view(-1, 1, 1).expand(-1, 1, E)).squeeze(1)
+
+    def _stacked(self, current: torch.Tensor, past: torch.Tensor) -> torch.Tensor:
+        """Every task's matrix side by side, ``[D, T*E]`` (task-major columns). Without autograd the
+        past tasks' part is cached (rebuilt when ``past`` is replaced or changed in place: add_task,
+        grow, load_state_dict, device moves) and only the current task's ``[D, E]`` block is copied
+        in per call, so the cost no longer grows with the number of tasks; same values, same layout."""
+        T, E, D = self.num_tasks, self.num_experts, self.d_model
+        if torch.is_grad_enabled() and current.requires_grad:
+            return torch.cat([past, current[None]]).permute(1, 0, 2).reshape(D, T * E)
+        key = id(past)
+        hit = self._stack_cache.get(key)
+        if hit is None or hit[0]() is not past or hit[1] != past._version or hit[2].dtype != current.dtype:
+            buf = past.new_empty(D, T * E, dtype=current.dtype)
+            buf[:, :(T - 1) * E].copy_(past.permute(1, 0, 2).reshape(D, (T - 1) * E))
+            self._stack_cache = {k: v for k, v in self._stack_cache.items() if v[0]() is not None}
+            hit = self._stack_cache[key] = (weakref.ref(past), past._version, buf)
+        buf = hit[2]
+        buf[:, (T - 1) * E:].copy_(current)
+        return buf
 
     def forward(self, c: torch.Tensor, task, keep: torch.Tensor | None = None) -> Routing:
         """``c`` [B, D]; ``task`` int or LongTensor [B]; ``keep`` optional bool [B] (False = sample is
