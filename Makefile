@@ -1,7 +1,7 @@
 # Two entry points for a fresh machine (see README):
 #   make demo   create .venv, install the pinned set, run both quickstarts on the embedded default
 #               (CLIP toy MTIL, then continual VQA on the tiny VLM)
-#   make test   create .venv, install with test extras, run the whole test suite
+#   make test   create .venv, install with the test, ray and tracking extras, run the whole test suite
 VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP_FLAGS ?= -q --disable-pip-version-check
@@ -10,7 +10,7 @@ PIP_FLAGS ?= -q --disable-pip-version-check
 
 $(VENV)/.installed: pyproject.toml constraints.txt
 	python3 -m venv $(VENV)
-	$(PY) -m pip install $(PIP_FLAGS) -c constraints.txt -e '.[test]'
+	$(PY) -m pip install $(PIP_FLAGS) -c constraints.txt -e '.[test,ray,tracking]'
 	touch $@
 
 install: $(VENV)/.installed
