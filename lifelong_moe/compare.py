@@ -238,7 +238,7 @@ def _xticks(ax, tasks: list[str], zero_shot: bool = True) -> None:
     ticks = list(range(0 if zero_shot else 1, T + 1))
     names = _drop_common_prefix(tasks)
     positional = all(t == f"experience {i + 1}" for i, t in enumerate(names))  # see task_axis
-    labels = (["zero-shot"] if zero_shot else []) + [str(i + 1) if positional else f"{i + 1}:{_short(t, 12)}"
+    labels = (["zero-shot"] if zero_shot else []) + [str(i + 1) if positional else f"{i + 1}:{_short(t, 14)}"
                                                      for i, t in enumerate(names)]
     long = T > 3 or max(len(s) for s in labels) > 8
     ax.set_xticks(ticks, labels, rotation=45 if long else 0, ha="right" if long else "center",
@@ -341,9 +341,9 @@ def _heatmaps(groups, tasks, show_n: bool = False) -> Figure:
                 ax.text(j, i, "–" if np.isnan(v) else f"{100 * v:.0f}" if T > 8 else f"{100 * v:.1f}",
                         ha="center", va="center", fontsize=fs, color="white" if v < 0.55 else "black")
         names = _drop_common_prefix(tasks)
-        ylabels = (["zero-shot"] if zs else []) + [f"after {i + 1}:{_short(t, 12)}" for i, t in enumerate(names)]
+        ylabels = (["zero-shot"] if zs else []) + [f"after {i + 1}:{_short(t, 14)}" for i, t in enumerate(names)]
         ax.set_yticks(range(len(ylabels)), ylabels, fontsize=fs + 1)
-        ax.set_xticks(range(T), [_short(t, 12) for t in names], rotation=45, ha="right",
+        ax.set_xticks(range(T), [_short(t, 14) for t in names], rotation=45, ha="right",
                       rotation_mode="anchor", fontsize=fs + 1)
         if zs:
             ax.axhline(0.5, color="white", lw=2)
