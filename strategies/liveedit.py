@@ -145,7 +145,9 @@ class Method:
         self._hooks, self.vlm, self._bank, self._route = [], None, None, None
 
     def config(self) -> dict:
-        return {"name": self.name, **self.params.model_dump(), "resolved_layer": self.layer}
+        """Params fields (what ``Editor.load`` validates and rebuilds from), ``layer`` resolved once attached."""
+        return {"name": self.name, **self.params.model_dump(),
+                "layer": self.params.layer if self.layer is None else self.layer}
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         self._require()

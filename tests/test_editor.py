@@ -154,6 +154,19 @@ def test_save_and_load_round_trip_bit_exactly_and_answer_the_same(vlm, recs, tmp
     assert torch.equal(logits, ref_logits) and torch.equal(gen, ref_ids)
 
 
+def test_liveedit_store_saves_loads_and_answers_the_same(vlm, base_vlm, recs, tmp_path):
+    """LiveEdit through the Editor: its resolved config and generator weights rebuild it on load."""
+    editor = Editor(vlm, "liveedit", steps=3, batch_size=2)
+    editor.fit(recs[3:])
+    ids = editor.edit_batch(recs[:3])
+    ref_logits, ref_ids = outputs(editor.vlm, recs)
+    editor.save(tmp_path / "store")
+    back = Editor.load(tmp_path / "store", backbone=copy.deepcopy(base_vlm))
+    assert [e["id"] for e in back.edits] == ids and back.method.config() == editor.method.config()
+    logits, gen = outputs(back.vlm, recs)
+    assert torch.equal(logits, ref_logits) and torch.equal(gen, ref_ids)
+
+
 def vlm_unedited(vlm):
     """The backbone as it was before LoRA was injected (peft's wrappers removed, base weights kept)."""
     fresh = VisionLanguageModel.from_config("lmoe-tiny-llava")
