@@ -205,7 +205,7 @@ def test_weights_round_trip_to_identical_outputs(vlm, method, records):
     from lifelong_moe.editing.types import EditMethod
 
     assert isinstance(method, EditMethod) and method.name == "liveedit" and method.supports_delete
-    assert json.loads(json.dumps(method.config()))["resolved_layer"] == 2  # block at 2/3 of the tiny VLM's 4
+    assert json.loads(json.dumps(method.config()))["layer"] == 2  # block at 2/3 of the tiny VLM's 4
     recs = records[:4]
     edits = {str(i): method.make_edit(r) for i, r in enumerate(recs)}
     one = image_batch(vlm, recs[:1])
