@@ -371,10 +371,11 @@ def agreement(batch, pre, post) -> float:
 
 
 STEPS, LR = 600, 1e-3
-# measured at seed 0 (docs/liveedit.md): +0.080 / +0.063 / +0.080 token accuracy, image locality 0.99,
-# 6 of 40 answers exactly the new target (0 before); asserted with about half of each gain as margin
-MARGIN = {"rel": 0.04, "text_gen": 0.03, "image_gen": 0.04}
-MIN_IMAGE_LOCALITY, MIN_NEW_EXACT = 0.95, 3
+# measured at seed 0 on a backbone pretrained from an empty cache (as in CI): +0.082 / +0.062 / +0.070
+# token accuracy, image locality 0.93, 7 of 40 answers exactly the new target (0 before); on an older
+# cached backbone +0.080 / +0.063 / +0.080, 0.99, 6 (docs/liveedit.md). About half of each gain as margin.
+MARGIN = {"rel": 0.04, "text_gen": 0.03, "image_gen": 0.035}
+MIN_IMAGE_LOCALITY, MIN_NEW_EXACT = 0.9, 3
 
 
 @pytest.mark.slow
