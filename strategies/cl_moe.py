@@ -98,6 +98,13 @@ class ClMoEMethod:
     moe = None
     prototypes: TaskPrototypes | None = None
 
+    def inject_experts(self, root, target_regex: str):
+        """The release's LoRA experts (this strategy's params) on the linears of ``root`` matching
+        ``target_regex``; each family's ``inject`` picks the root and the targets."""
+        p = self.params
+        return inject_lora_experts(root, target_regex, num_experts=p.num_experts, r=p.r, alpha=p.alpha,
+                                   dropout=p.dropout, top_k=p.top_k, init_std=p.init_std, beta=p.beta)
+
     # ---------------------------------------------------------------- setup
     def setup_cl_moe(self, model, feature_dim: int) -> None:
         p = self.params
@@ -335,10 +342,7 @@ class Strategy(ClMoEMethod, VlmStrategy):
         llava.register_forward_pre_hook(self._probe.read_inputs, with_kwargs=True)  # sees input_ids
 
     def inject(self, model):
-        p = self.params
-        return inject_lora_experts(model.model, model.lora_target_regex(tuple(p.targets)), num_experts=p.num_experts,
-                                   r=p.r, alpha=p.alpha, dropout=p.dropout, top_k=p.top_k, init_std=p.init_std,
-                                   beta=p.beta)
+        return self.inject_experts(model.model, model.lora_target_regex(tuple(self.params.targets)))
 
     def layer_key(self, name: str) -> str:
         """``model.language_model.layers.3.self_attn.q_proj`` -> ``3.q_proj``."""

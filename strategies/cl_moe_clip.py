@@ -21,8 +21,6 @@ import torch
 from pydantic import Field
 from torch.utils.data import DataLoader
 
-from lifelong_moe.moe import inject_lora_experts
-
 from .base import ClipStrategy
 from .cl_moe import ClMoEMethod, ClMoEParams
 from .lora import target_regex
@@ -46,10 +44,7 @@ class Strategy(ClMoEMethod, ClipStrategy):
         model.clear_text_cache()
 
     def inject(self, model):
-        p = self.params
-        return inject_lora_experts(model.clip, target_regex(p.towers, p.targets), num_experts=p.num_experts,
-                                   r=p.r, alpha=p.alpha, dropout=p.dropout, top_k=p.top_k, init_std=p.init_std,
-                                   beta=p.beta)
+        return self.inject_experts(model.clip, target_regex(self.params.towers, self.params.targets))
 
     def layer_key(self, name: str) -> str:
         """``visual.transformer.resblocks.3.mlp.c_fc`` -> ``image.3.c_fc`` (``text.`` for the text tower)."""
