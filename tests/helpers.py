@@ -6,7 +6,7 @@ from pathlib import Path
 
 import numpy as np
 
-from lifelong_moe.config import validate
+from lifelong_moe.config import RunConfig, validate
 
 
 def tiny_config(strategy: dict, **over) -> "RunConfig":

@@ -4,7 +4,7 @@ import pytest
 import torch
 from torch import nn
 
-from lifelong_moe.moe import (LoRAMoELinear, MergeError, TaskPrototypes, expert_roles, inject_lora_experts,
+from lifelong_moe.moe import (MergeError, TaskPrototypes, expert_roles, inject_lora_experts,
                               momentum_merge)
 from lifelong_moe.moe.lora_experts import task_gate, top_set
 from lifelong_moe.moe.momentum import REFERENCE_LAMBDAS, UNIFORM_LAMBDAS, snapshot

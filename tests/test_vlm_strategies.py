@@ -5,7 +5,7 @@ import json
 import pytest
 import torch
 
-from lifelong_moe.config import validate
+from lifelong_moe.config import RunConfig, validate
 from lifelong_moe.runner import build, run
 
 
