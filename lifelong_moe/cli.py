@@ -28,6 +28,20 @@ def summary_keys(records: list[dict]) -> list[str]:
     return VQA_SUMMARY_KEYS if all(r.get("stream_kind") == "vqa" for r in records) else SUMMARY_KEYS
 
 
+def compare_variants(outs: list[Path], what: str = "plots and tables") -> None:
+    """Plots and tables of several variants' runs beside them (``<common parent>/compare``)."""
+    if len(outs) < 2:
+        return
+    from .compare import compare_runs
+
+    dest = Path(os.path.commonpath([str(o.resolve()) for o in outs])) / "compare"
+    try:
+        compare_runs(outs, dest)
+        print(f"\n{what}: {dest}")
+    except UserError as e:  # e.g. variants on different streams: the runs themselves are fine
+        print(f"\nno comparison plots: {e}")
+
+
 def cmd_run(a) -> int:
     from .api import run
 
@@ -44,15 +58,7 @@ def cmd_run(a) -> int:
     if all(r["status"] == "complete" for _, r in records):
         print()
         _print_table([(r["name"], r["metrics"]) for _, r in records], summary_keys([r for _, r in records]))
-        if len(outs) > 1:
-            from .compare import compare_runs
-
-            dest = Path(os.path.commonpath([str(o.resolve()) for o in outs])) / "compare"
-            try:
-                compare_runs(outs, dest)
-                print(f"\nplots and tables: {dest}")
-            except UserError as e:  # e.g. variants on different streams: the runs themselves are fine
-                print(f"\nno comparison plots: {e}")
+        compare_variants(outs)
     return 0
 
 
@@ -89,15 +95,7 @@ def cmd_edit(a) -> int:
     print(format_table(records, "token_acc"))
     print()
     print(format_table(records, "exact_match"))
-    if len(outs) > 1:
-        from .compare import compare_runs
-
-        dest = Path(os.path.commonpath([str(o.resolve()) for o in outs])) / "compare"
-        try:
-            compare_runs(outs, dest)
-            print(f"\nplots and tables (reliability of edits as they accumulate): {dest}")
-        except UserError as e:
-            print(f"\nno comparison plots: {e}")
+    compare_variants(outs, "plots and tables (reliability of edits as they accumulate)")
     return 0
 
 
