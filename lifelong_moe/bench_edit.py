@@ -47,7 +47,7 @@ def world_records(vlm, n: int, seed: int):
 
 def edit_cost(method: str = "retrieval", params: dict | None = None, edits: int = 10000, real: int = 32,
               batch: int = 64, max_new_tokens: int = 8, repeats: int = 10, warmup: int = 2, threads: int = 2,
-              pretrained: str | None = "synthetic", seed: int = 0) -> dict:
+              pretrained: str | None = "synthetic", seed: int = 0, fit: int = 0) -> dict:
     import copy
 
     from .editing.editor import Editor
@@ -56,8 +56,19 @@ def edit_cost(method: str = "retrieval", params: dict | None = None, edits: int 
     torch.set_num_threads(threads)
     torch.manual_seed(seed)
     vlm = VisionLanguageModel.from_config("lmoe-tiny-llava", pretrained, progress=False)
+    if fit:
+        if method != "liveedit":
+            raise UserError(f"--fit meta-trains LiveEdit; {method!r} has nothing to meta-train")
+        params = {**(params or {}), "steps": fit}
     empty = Editor(copy.deepcopy(vlm), method, seed=seed, **(params or {}))
     full = Editor(vlm, method, seed=seed, **(params or {}))
+    fit_s = None
+    if fit:  # how many experts the trained hard filter keeps sets the cost of answering
+        from .streams.edit_synthetic import edit_records
+
+        t = time.perf_counter()
+        full.fit(edit_records("train", 600, seed=seed))
+        fit_s = time.perf_counter() - t
     recs = world_records(vlm, real, seed)
     single, forward = [], []
     for r in recs:
@@ -82,12 +93,18 @@ def edit_cost(method: str = "retrieval", params: dict | None = None, edits: int 
     qs = [r.src for r in queries]
     times = _median_times({"none": lambda: empty.vlm.generate(x, qs, max_new_tokens),
                            "stored": lambda: full.vlm.generate(x, qs, max_new_tokens)}, repeats, warmup)
+    kept = None
+    if hasattr(full.method, "routing"):  # experts each question keeps (LiveEdit's hard filter and cap)
+        keep, _ = full.method.routing(vlm.batch(x, qs))
+        kept = {"mean": float(keep.sum(1).float().mean()), "max": int(keep.sum(1).max())}
     method_bytes = sum(v.numel() * v.element_size() for e in full.store.active for v in e.tensors.values())
     with tempfile.TemporaryDirectory() as d:
         full.save(Path(d) / "store")
         saved = sum(p.stat().st_size for p in (Path(d) / "store").iterdir())
     return {"setup": {"method": method, "params": full.method.config(), "edits": len(full.store), "real_edits": real,
-                      "batch": batch, "max_new_tokens": max_new_tokens, "threads": threads, "backbone_pretrained": pretrained},
+                      "batch": batch, "max_new_tokens": max_new_tokens, "threads": threads, "backbone_pretrained": pretrained,
+                      "fit_steps": fit, "fit_s": fit_s},
+            "experts_kept_per_question": kept,
             "answer_s": times, "answer_ratio_stored_vs_none": times["stored"] / times["none"],
             "edit_s": statistics.median(single), "forward_s": statistics.median(forward),
             "edit_ratio_vs_forward": statistics.median(single) / statistics.median(forward),
@@ -103,9 +120,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--repeats", type=int, default=10)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--fit", type=int, default=0, metavar="STEPS",
+                    help="meta-train the method first for STEPS steps on 600 synthetic train records (LiveEdit)")
     ap.add_argument("--random-init", action="store_true", help="the tiny VLM randomly initialised (no pretraining)")
     ap.add_argument("--json", action="store_true", help="print the whole record as JSON")
     a = ap.parse_args(argv)
+    if a.fit < 0:
+        raise UserError(f"--fit must be at least 0, got {a.fit}")
     for opt, v in (("--edits", a.edits), ("--real", a.real), ("--batch", a.batch), ("--repeats", a.repeats),
                    ("--threads", a.threads)):
         if v < 1:
@@ -119,13 +140,16 @@ def main(argv: list[str] | None = None) -> int:
             raise UserError(f"--set {item!r} is not of the form key=value")
         params[k.strip()] = yaml.safe_load(v)
     r = edit_cost(a.method, params, edits=a.edits, real=min(a.real, a.edits), batch=a.batch, repeats=a.repeats,
-                  threads=a.threads, pretrained=None if a.random_init else "synthetic")
+                  threads=a.threads, pretrained=None if a.random_init else "synthetic", fit=a.fit)
     if a.json:
         print(json.dumps(r, indent=2))
     else:
         t = r["answer_s"]
         print(f"{a.method}: answering {a.batch} questions with {r['setup']['edits']} stored edits "
               f"{t['stored'] * 1e3:.1f} ms vs none {t['none'] * 1e3:.1f} ms -> {r['answer_ratio_stored_vs_none']:.2f}x")
+        if r["experts_kept_per_question"]:
+            k = r["experts_kept_per_question"]
+            print(f"experts kept per question: mean {k['mean']:.1f}, max {k['max']}")
         print(f"one edit(): {r['edit_s'] * 1e3:.1f} ms = {r['edit_ratio_vs_forward']:.1f}x one forward of the VLM on "
               f"the edit ({r['forward_s'] * 1e3:.1f} ms)")
         print(f"bytes per stored edit: method tensors {r['method_bytes_per_edit']:.0f}, saved store "

@@ -31,14 +31,15 @@ from pydantic import Field
 from torch import nn
 
 from lifelong_moe.config import Strict
-from lifelong_moe.editing.liveedit_modules import (FeatureExtractor, LowRankGenerator, expert_residual,
-                                                   paired_similarity, routed_residual, slot_similarity,
-                                                   soft_weights)
+from lifelong_moe.editing.bank import EditBank
+from lifelong_moe.editing.liveedit_modules import (FeatureExtractor, LowRankGenerator, apply_experts,
+                                                   expert_residual, gather_experts, paired_similarity,
+                                                   slot_similarity, soft_weights)
 from lifelong_moe.editing.types import EditRecord
 from lifelong_moe.errors import UserError
 from lifelong_moe.vlm import IGNORE
 
-__all__ = ["Params", "Method", "default_layer"]
+__all__ = ["Params", "Method", "default_layer", "default_lora_scale"]
 
 EDIT_KEYS = ("c", "r", "text_key", "vision_key")
 
@@ -53,7 +54,8 @@ class Params(Strict):
     module_dim: int = Field(64, ge=1, description="width d_m of queries and routing features")
     heads: int = Field(4, ge=1, description="attention heads of generators and extractors")
     slots: int = Field(4, ge=1, description="learned query slots of the routing features (eqe_n)")
-    lora_scale: float = Field(5.0, gt=0, description="generated experts are scaled by 1/(lora_scale*sqrt(r))")
+    lora_scale: float | None = Field(None, gt=0, description="generated experts are scaled by 1/(lora_scale*sqrt(r)); "
+                                     "None = width-matched: 5 sqrt(d / 4096), the reference's 5 at d = 4096")
     steps: int = Field(1000, ge=0, description="meta-training steps")
     lr: float = Field(1e-3, gt=0, description="Adam learning rate of meta-training")
     lr_cut_steps: list[int] = Field(default_factory=list, description="steps after which lr is multiplied by 0.1")
@@ -68,6 +70,18 @@ class Params(Strict):
                                      "its hooked-block states (memory: records x 4 x length x d floats); False "
                                      "reruns it every step (large backbones)")
     seed: int = Field(0, description="initialisation of the trainable modules")
+
+
+REFERENCE_WIDTH, REFERENCE_LORA_SCALE = 4096, 5.0
+
+
+def default_lora_scale(d: int) -> float:
+    """``5 sqrt(d / 4096)``: the reference's ``lora_scale`` 5 at the hidden width of its 7B LLMs, and at
+    any other width d the one that keeps the residual's size relative to the hidden state. C and R
+    are attention averages of LayerNormed d-vectors (norm ~ sqrt(d)), so ``ReLU(LN(h) C^T) R`` grows
+    like ``d^1.5 s^2`` against ``|h| ~ sqrt(d)``; equal ``d s^2`` means ``s ~ 1 / sqrt(d)``. 0.88 for
+    the tiny VLM (d = 128): its experts get scale 0.57 instead of 0.1 (docs/liveedit.md, measured)."""
+    return REFERENCE_LORA_SCALE * (d / REFERENCE_WIDTH) ** 0.5
 
 
 def default_layer(depth: int) -> int:
@@ -86,8 +100,9 @@ class _Nets(nn.Module):
         super().__init__()
         self.edit_extractor = FeatureExtractor(d, p.module_dim, p.slots, p.heads)
         self.input_extractor = FeatureExtractor(d, p.module_dim, p.slots, p.heads, sentinel_tokens=n_vision)
-        self.gen_c = LowRankGenerator(d, p.module_dim, p.rank, p.heads, p.lora_scale)
-        self.gen_r = LowRankGenerator(d, p.module_dim, p.rank, p.heads, p.lora_scale)
+        scale = default_lora_scale(d) if p.lora_scale is None else p.lora_scale
+        self.gen_c = LowRankGenerator(d, p.module_dim, p.rank, p.heads, scale)
+        self.gen_r = LowRankGenerator(d, p.module_dim, p.rank, p.heads, scale)
         self.residual_norm = nn.LayerNorm(d)  # the reference's "instant_reps_norm"
 
 
@@ -104,10 +119,11 @@ class Method:
         self.layer: int | None = None
         self._pending_state: dict | None = None
         self._hooks: list = []
-        self._bank: dict[str, torch.Tensor] | None = None
+        self._bank: dict[str, torch.Tensor] | None = None  # views of the stored rows of _edits (None: empty)
+        self._edits: EditBank | None = None
         self._capture: dict | None = None   # set while a pass stops at the hooked block
         self._step: dict = {}               # the current model call: ids, attention, cached step or not
-        self._route = None                  # (weights [B, K], expert indices [K]) of the last prompt pass
+        self._route = None                  # the last prompt pass's gathered experts (C, w R: [B, K*r, d])
 
     # ------------------------------------------------------------------ lifecycle
     def attach(self, vlm) -> None:
@@ -120,6 +136,7 @@ class Method:
             raise UserError(f"liveedit.layer: {layer} is not a decoder block of {vlm.name or 'the VLM'} "
                             f"(0..{depth - 1})")
         self.vlm, self.layer = vlm, layer
+        self._edits, self._bank = EditBank(EDIT_KEYS, vlm.device), None
         d = vlm.language_model.config.hidden_size
         sentinel = None if self.nets is None else self.nets.input_extractor.sentinel
         if sentinel is not None and tuple(sentinel.shape[1:]) == (vlm.num_image_tokens, d):
@@ -146,8 +163,11 @@ class Method:
 
     def config(self) -> dict:
         """Params fields (what ``Editor.load`` validates and rebuilds from), ``layer`` resolved once attached."""
-        return {"name": self.name, **self.params.model_dump(),
-                "layer": self.params.layer if self.layer is None else self.layer}
+        out = {"name": self.name, **self.params.model_dump(),
+               "layer": self.params.layer if self.layer is None else self.layer}
+        if out["lora_scale"] is None and self.nets is not None:
+            out["lora_scale"] = default_lora_scale(self.nets.residual_norm.normalized_shape[0])
+        return out
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         self._require()
@@ -191,7 +211,6 @@ class Method:
         if self._step.get("cached"):
             if not self.params.every_generation_step or self._route is None:
                 return output
-            weights, idx = self._route
         else:
             masks = self._masks(hidden.shape[:2])
             if masks is None:
@@ -199,10 +218,12 @@ class Method:
                 return output
             with torch.no_grad():
                 weights, idx = self._sparse(self.routing_from(hidden, *masks)[1])
-            self._route = (weights, idx)
-        if idx.numel() == 0 or weights.shape[0] != hidden.shape[0]:
+                self._route = gather_experts(self._bank["c"], self._bank["r"], weights, idx) if idx.shape[1] else None
+        if self._route is None or self._route[0].shape[0] != hidden.shape[0]:
             return output
-        new = hidden + self._residual(hidden, weights, idx)
+        with torch.no_grad():
+            delta = apply_experts(self.nets.residual_norm(hidden.float()), *self._route)
+        new = hidden + delta.to(hidden.dtype)
         return (new, *output[1:]) if isinstance(output, tuple) else new
 
     def _masks(self, shape) -> tuple[torch.Tensor, torch.Tensor] | None:
@@ -229,12 +250,6 @@ class Method:
         k = int(weights.ne(0).sum(1).max()) if weights.numel() else 0
         w, idx = weights.topk(k, dim=1)
         return w, idx
-
-    def _residual(self, hidden: torch.Tensor, weights: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-        with torch.no_grad():
-            x = self.nets.residual_norm(hidden.float())
-            delta = routed_residual(x, self._bank["c"], self._bank["r"], weights, idx)
-        return delta.to(hidden.dtype)
 
     # ------------------------------------------------------------------ routing
     def routing_from(self, hidden: torch.Tensor, image: torch.Tensor, prompt: torch.Tensor):
@@ -273,18 +288,24 @@ class Method:
     def set_edits(self, edits: Mapping[str, Mapping[str, torch.Tensor]]) -> None:
         """Stack the stored edits into one bank (C, R ``[M, r, d]``; keys ``[M, slots, d_m]``)."""
         self._require()
-        self._route = None
-        if not edits:
-            self._bank = None
-            return
+        self._check_edits(edits)
+        self._edits.rebuild(list(edits.values()))
+        self._route, self._bank = None, self._edits.view()
+
+    def add_edits(self, edits: Mapping[str, Mapping[str, torch.Tensor]]) -> None:
+        """Append new edits to the bank (the Editor's path for additions: O(new), not O(store))."""
+        self._require()
+        self._check_edits(edits)
+        self._edits.extend(list(edits.values()))
+        self._route, self._bank = None, self._edits.view()
+
+    def _check_edits(self, edits: Mapping[str, Mapping[str, torch.Tensor]]) -> None:
         want = self._edit_shapes()
         for eid, e in edits.items():
             bad = [k for k in EDIT_KEYS if k not in e or tuple(e[k].shape) != want[k]]
             if bad:
                 raise UserError(f"liveedit: stored edit {eid!r} does not fit this configuration ({bad[0]}: "
                                 f"expected shape {list(want[bad[0]])}); it was made with other settings or backbone")
-        dev = self.vlm.device
-        self._bank = {k: torch.stack([e[k] for e in edits.values()]).to(dev, torch.float32) for k in EDIT_KEYS}
 
     def _edit_shapes(self) -> dict[str, tuple[int, ...]]:
         p, d = self.params, self.nets.residual_norm.normalized_shape[0]

@@ -86,6 +86,17 @@ def test_bench_edit_reports_the_three_costs(capsys):
     assert r["setup"]["edits"] == 40 and r["answer_ratio_stored_vs_none"] > 0 and r["edit_s"] > 0
     assert r["method_bytes_per_edit"] > 0 and r["store_bytes_per_edit"] > r["method_bytes_per_edit"]
     assert main(["bench", "edit", "--edits", "0"]) == 2
+    assert main(["bench", "edit", "--method", "retrieval", "--fit", "5"]) == 2  # nothing to meta-train
+    assert "has nothing to meta-train" in capsys.readouterr().err
+
+
+def test_bench_edit_meta_trains_liveedit_and_counts_the_experts_each_question_keeps(capsys):
+    assert main(["bench", "edit", "--method", "liveedit", "--fit", "2", "--random-init", "--edits", "20", "--real", "4",
+                 "--batch", "4", "--repeats", "1", "--threads", "1", "--json"]) == 0
+    r = json.loads(capsys.readouterr().out)
+    assert r["setup"]["fit_steps"] == 2 and r["setup"]["fit_s"] > 0
+    kept = r["experts_kept_per_question"]
+    assert 0 <= kept["mean"] <= kept["max"] <= 20
 
 
 def test_the_shipped_edit_configs_validate():

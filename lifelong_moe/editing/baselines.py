@@ -23,6 +23,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 
 from ..vlm import IGNORE
+from .bank import EditBank
 from .types import EditRecord
 
 MLP = ("down_proj", "up_proj", "gate_proj")
@@ -215,6 +216,7 @@ class Retrieval:
         self.vlm = None
         self.keys = torch.zeros(0, 0)
         self.answers: list[torch.Tensor] = []
+        self._keys = EditBank(["key"])  # the stored features, grown in place (keys is its view)
 
     def attach(self, vlm) -> None:
         self.vlm = vlm
@@ -324,9 +326,18 @@ class Retrieval:
         return {"key": feats[0].cpu(), "answer": labels[labels != IGNORE].cpu()}
 
     def set_edits(self, edits: Mapping[str, Mapping[str, torch.Tensor]]) -> None:
-        vals = list(edits.values())
-        self.keys = torch.stack([e["key"] for e in vals]) if vals else torch.zeros(0, 0)
-        self.answers = [e["answer"] for e in vals]
+        self._keys.rebuild([{"key": e["key"]} for e in edits.values()])
+        self.answers = [e["answer"] for e in edits.values()]
+        self._sync()
+
+    def add_edits(self, edits: Mapping[str, Mapping[str, torch.Tensor]]) -> None:
+        self._keys.extend([{"key": e["key"]} for e in edits.values()])
+        self.answers += [e["answer"] for e in edits.values()]
+        self._sync()
+
+    def _sync(self) -> None:
+        view = self._keys.view()
+        self.keys = torch.zeros(0, 0) if view is None else view["key"]
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         return {}

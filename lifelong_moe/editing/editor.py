@@ -151,10 +151,15 @@ class Editor:
         snap = self._snapshot()
         ids = []
         try:
+            add = getattr(self.method, "add_edits", None)  # optional: O(new edit) instead of O(store)
             for rec in recs:
                 tensors = self.method.make_edit(rec)
-                ids.append(self.store.add(record_text(rec), record_images(rec), tensors, rec.meta))
-                self.method.set_edits(self.store.method_view())
+                eid = self.store.add(record_text(rec), record_images(rec), tensors, rec.meta)
+                ids.append(eid)
+                if add is None:
+                    self.method.set_edits(self.store.method_view())
+                else:
+                    add({eid: self.store.history[eid].tensors})
         except BaseException:
             self._restore(snap)
             raise

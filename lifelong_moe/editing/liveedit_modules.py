@@ -122,11 +122,24 @@ def expert_residual(x: torch.Tensor, c: torch.Tensor, r: torch.Tensor, w: torch.
     return act @ r.reshape(m * rank, d)
 
 
+def gather_experts(c: torch.Tensor, r: torch.Tensor, w: torch.Tensor, idx: torch.Tensor):
+    """Each row's own experts as two ``[B, K*rank, d]`` operands: ``idx [B, K]`` indexes the bank ``c, r
+    [M, rank, d]`` and ``w [B, K]`` (0 for padding) is folded into R. Built once per prompt and reused
+    on every cached generation step."""
+    b, k = idx.shape
+    m, rank, d = c.shape
+    cs = c[idx].reshape(b, k * rank, d)
+    rs = (r[idx] * w[:, :, None, None]).reshape(b, k * rank, d)
+    return cs, rs
+
+
+def apply_experts(x: torch.Tensor, cs: torch.Tensor, rs: torch.Tensor) -> torch.Tensor:
+    """``sum_k ReLU(x C_k^T) (w_k R_k)`` for ``x [B, L, d]`` and :func:`gather_experts`' operands: two
+    batched matmuls whose cost grows with the most experts any one row keeps, not with the store."""
+    return torch.bmm(F.relu(torch.bmm(x, cs.transpose(1, 2))), rs)
+
+
 def routed_residual(x: torch.Tensor, c: torch.Tensor, r: torch.Tensor, w: torch.Tensor,
                     idx: torch.Tensor) -> torch.Tensor:
-    """:func:`expert_residual` with each row's own experts: ``idx [B, K]`` indexes the bank ``c, r
-    [M, rank, d]`` and ``w [B, K]`` weighs them (0 for padding), so the cost grows with the most
-    experts any one row keeps, not with the store or the batch's union of kept experts."""
-    cs, rs = c[idx], r[idx]                                              # [B, K, rank, d]
-    act = F.relu(torch.einsum("bld,bkrd->blkr", x, cs)) * w[:, None, :, None]
-    return torch.einsum("blkr,bkrd->bld", act, rs)
+    """:func:`expert_residual` with each row's own experts (``idx [B, K]``, weights ``w [B, K]``)."""
+    return apply_experts(x, *gather_experts(c, r, w, idx))

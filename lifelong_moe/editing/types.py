@@ -45,7 +45,9 @@ class EditMethod(Protocol):
     editing (LiveEdit's meta-training; baselines return ``{}``); then per edit ``make_edit(record)``,
     storing the returned CPU tensors under a new edit id, and ``set_edits(store)`` whenever the active
     store changes (add, delete, load). With an empty store the VLM's outputs must be bit-identical to
-    the unedited VLM's. ``state_dict`` holds the method's own learned weights (not the edits)."""
+    the unedited VLM's. ``state_dict`` holds the method's own learned weights (not the edits). A method
+    may also offer ``add_edits(new)``, equivalent to ``set_edits`` of the store with ``new`` appended;
+    the Editor then uses it for additions, so one edit does not cost O(store)."""
 
     name: str
     supports_delete: bool
