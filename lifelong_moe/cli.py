@@ -64,32 +64,32 @@ def cmd_run(a) -> int:
 
 def cmd_edit(a) -> int:
     """A lifelong knowledge-editing benchmark (:mod:`.edit_runner`)."""
-    from .edit_runner import format_table, output_dir, run_edit
+    from .edit_runner import cost_hint, format_table, output_dir, run_edit, run_variant
     from .editing.config import load_edit_config
     from .results import RunDir, load_record
 
+    if a.resume and a.overwrite:
+        raise UserError("give one of --resume (continue the run) and --overwrite (start it again), not both")
     only = [w.strip() for w in a.only.split(",") if w.strip()] if a.only else None
-    configs = load_edit_config(a.config, list(a.overrides) + list(a.set or []), only=only)
+    overrides = list(a.overrides) + list(a.set or [])
+    configs = load_edit_config(a.config, overrides, only=only)
     multi = len(configs) > 1 or "/" in configs[0].name
     outs = [Path(a.output) / cfg.name.rsplit("/", 1)[-1] if (a.output and multi) else output_dir(cfg, a.output)
             for cfg in configs]
     for cfg, out in zip(configs, outs):  # refuse before any variant starts writing
-        RunDir(out).check_start(cfg, resume=False, overwrite=a.overwrite)
+        RunDir(out).check_start(cfg, resume=a.resume, overwrite=a.overwrite)
     jobs = a.jobs if a.jobs is not None else configs[0].runtime.jobs
     if jobs < 1:
         raise UserError(f"--jobs must be at least 1, got {jobs}")
+    options = {"resume": a.resume, "overwrite": a.overwrite}
     if jobs > 1 and len(configs) > 1:  # one process per variant, `jobs` at a time
-        import multiprocessing
-        from concurrent.futures import ProcessPoolExecutor
+        from .jobs import run_parallel
 
-        overrides = list(a.overrides) + list(a.set or [])
-        with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
-            for f in [pool.submit(_edit_variant, a.config, overrides, cfg.name.rsplit("/", 1)[-1], str(out), a.overwrite,
-                                  a.quiet) for cfg, out in zip(configs, outs)]:
-                f.result()
+        run_parallel(a.config, overrides, configs, outs, jobs, options, quiet=a.quiet, worker=run_variant,
+                     cost_of=cost_hint)
     else:
         for cfg, out in zip(configs, outs):
-            run_edit(cfg, out, overwrite=a.overwrite, progress=not a.quiet, log=(lambda *_: None) if a.quiet else print)
+            run_edit(cfg, out, progress=not a.quiet, log=(lambda *_: None) if a.quiet else print, **options)
     records = [(r["name"], r["extra"]["edit_table"]) for r in (load_record(o) for o in outs)]
     print()
     print(format_table(records, "token_acc"))
@@ -97,16 +97,6 @@ def cmd_edit(a) -> int:
     print(format_table(records, "exact_match"))
     compare_variants(outs, "plots and tables (reliability of edits as they accumulate)")
     return 0
-
-
-def _edit_variant(config: str, overrides: list[str], variant: str, out: str, overwrite: bool, quiet: bool) -> None:
-    """One variant of an edit config, in a worker process (``lifelong-moe edit -j N``)."""
-    from .edit_runner import run_edit
-    from .editing.config import load_edit_config
-
-    cfg = load_edit_config(config, overrides, only=[variant])[0]
-    run_edit(cfg, out, overwrite=overwrite, progress=not quiet, log=(lambda *_: None) if quiet else
-             (lambda *x: print(*x, flush=True)))
 
 
 def cmd_compare(a) -> int:
@@ -261,6 +251,8 @@ def parser() -> argparse.ArgumentParser:
     e.add_argument("--set", action="append", metavar="KEY=VALUE", help="an override (repeatable)")
     e.add_argument("-o", "--output", help="results directory (default: output.dir of the config)")
     e.add_argument("--overwrite", action="store_true", help="replace an existing run in the output directory")
+    e.add_argument("--resume", action="store_true", help="continue stopped runs: reload the meta-trained weights, "
+                   "keep the finished edit counts (finished runs are left as they are)")
     e.add_argument("--only", help="comma-separated variant names to run")
     e.add_argument("-j", "--jobs", type=int, help="variants run at once, one process each (default: runtime.jobs)")
     e.add_argument("-q", "--quiet", action="store_true", help="no per-step logs")

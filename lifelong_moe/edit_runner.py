@@ -13,6 +13,12 @@ unedited model's reliability on each part, row i of ``matrix`` the reliability (
 accuracy) on every part after parts 0..i were applied, so ``metrics`` / ``compare`` / plots read
 forgetting of edits as they read forgetting of tasks. ``edit_metrics.csv`` and
 ``results.json["extra"]["edit_table"]`` hold the metrics per edit count.
+
+Resuming (``resume=True``, ``lifelong-moe edit --resume``): the table is saved after every edit
+count and the meta-trained weights after the fit (``checkpoints/fit.safetensors``), so a stopped
+run reloads the weights instead of meta-training again and continues at the first edit count it had
+not finished, with the same numbers as an uninterrupted run (every count starts from the unedited
+model; the pre-edit outputs are recomputed, deterministically).
 """
 from __future__ import annotations
 
@@ -25,7 +31,7 @@ from . import results as R
 from .editing import metrics as EM
 from .editing.config import EditConfig
 from .errors import UserError
-from .io import write_text
+from .io import atomic_path, write_text
 from .provenance import versions
 from .threads import torch_threads
 
@@ -100,17 +106,45 @@ def format_table(rows: list[tuple[str, dict]], key: str = "token_acc") -> str:
     return "\n".join(lines)
 
 
-def run_edit(cfg: EditConfig, out: str | Path | None = None, *, overwrite: bool = False, progress: bool = True,
-             log=print) -> Path:
+def run_edit(cfg: EditConfig, out: str | Path | None = None, *, resume: bool = False, overwrite: bool = False,
+             progress: bool = True, log=print) -> Path:
+    """Run (or resume) one edit configuration; return the results directory."""
+    if resume and overwrite:
+        raise UserError("give one of --resume (continue the run) and --overwrite (start it again), not both")
     run_dir = R.RunDir(output_dir(cfg, out))
     with torch_threads(cfg.runtime.threads), run_dir.releasing():
-        return _run(cfg, run_dir, overwrite=overwrite, log=log)
+        return _run(cfg, run_dir, resume=resume, overwrite=overwrite, log=log)
 
 
-def _run(cfg: EditConfig, run_dir: R.RunDir, *, overwrite: bool, log) -> Path:
+def run_variant(config: str, overrides: list[str], variant: str, out: str, options: dict, quiet: bool) -> str:
+    """One variant of an edit config in a worker process (``lifelong-moe edit -j N``; see
+    :func:`lifelong_moe.jobs.run_parallel`)."""
+    from .editing.config import load_edit_config
+
+    cfg = load_edit_config(config, overrides, only=[variant])[0]
+    t = time.perf_counter()
+    run_edit(cfg, out, progress=False, log=(lambda *_: None) if quiet else (lambda m: print(m, flush=True)), **options)
+    if not quiet:
+        print(f"[{cfg.name}] finished in {time.perf_counter() - t:.1f} s", flush=True)
+    return out
+
+
+def cost_hint(cfg: EditConfig) -> float:
+    """Variants that meta-train first (LiveEdit) run longest: start them first."""
+    return float(cfg.data.train > 0 or bool(cfg.data.train_path))
+
+
+def _fit_checkpoint(run_dir: R.RunDir) -> Path:
+    return run_dir.path / "checkpoints" / "fit.safetensors"
+
+
+def _run(cfg: EditConfig, run_dir: R.RunDir, *, resume: bool, overwrite: bool, log) -> Path:
     from .editing.editor import Editor
 
-    run_dir.check_start(cfg, resume=False, overwrite=overwrite)  # raises before any write
+    state = run_dir.check_start(cfg, resume=resume, overwrite=overwrite)  # raises before any write
+    if resume and state.get("status") == "complete":
+        log(f"[{cfg.name}] {run_dir.path} is complete; nothing to resume")
+        return run_dir.path
     t0 = time.perf_counter()
     editor = Editor.from_edit_config(cfg)
     train, evals = load_data(cfg, editor.vlm)
@@ -120,17 +154,39 @@ def _run(cfg: EditConfig, run_dir: R.RunDir, *, overwrite: bool, log) -> Path:
         raise UserError(f"evaluation.edit_counts: {biggest} edits need at least {biggest} eval records, "
                         f"the data has {len(evals)}")
     editor.records(evals)  # validate every record (e.g. images the method needs) before writing
-    run_dir.acquire(cfg, resume=False, overwrite=overwrite)
+    state = run_dir.acquire(cfg, resume=resume, overwrite=overwrite)
     k = ev.matrix_chunks
     bounds = [round(i * biggest / k) for i in range(k + 1)]
     parts = list(zip(bounds[:-1], bounds[1:]))
-    record = new_record(cfg, parts, {"trainable": sum(v.numel() for v in editor.method.state_dict().values())})
+    fresh = new_record(cfg, parts, {"trainable": sum(v.numel() for v in editor.method.state_dict().values())})
+    record = state if resume else fresh
+    if resume and record.get("tasks") != fresh["tasks"]:
+        raise UserError(f"--resume: {run_dir.path} was cut into other edit chunks; start it again with --overwrite")
     record["timings"]["setup_s"] = round(time.perf_counter() - t0, 3)
     R.record_runtime(record, str(editor.vlm.device), cfg.runtime.precision)
-    run_dir.start(cfg, record)
+    ckpt = _fit_checkpoint(run_dir)
+    if not resume:
+        ckpt.unlink(missing_ok=True)  # --overwrite: never reuse an older run's meta-training
+        run_dir.start(cfg, record)
+    extra = record.setdefault("extra", {})
     t = time.perf_counter()
-    fit_log = editor.fit(train) if train else {}
-    record["timings"]["fit_s"] = round(time.perf_counter() - t, 3)
+    if train and resume and ckpt.is_file():
+        from safetensors.torch import load_file
+
+        editor.method.load_state_dict(load_file(str(ckpt)))
+        fit_log = extra.get("fit", {})
+        log(f"[{cfg.name}] meta-trained weights reloaded from {ckpt}")
+    else:
+        fit_log = editor.fit(train) if train else {}
+        record["timings"]["fit_s"] = round(time.perf_counter() - t, 3)
+        if train and cfg.output.checkpoints:
+            from safetensors.torch import save_file
+
+            ckpt.parent.mkdir(parents=True, exist_ok=True)
+            with atomic_path(ckpt) as tmp:
+                save_file(editor.method.state_dict(), str(tmp))
+        extra["fit"] = _jsonable(fit_log)
+        run_dir.write_record(record)
     bs, mnt = ev.batch_size, ev.max_new_tokens
     t = time.perf_counter()
     used = max(min(len(evals) // c, ev.max_chunks) * c for c in ev.edit_counts)
@@ -138,8 +194,14 @@ def _run(cfg: EditConfig, run_dir: R.RunDir, *, overwrite: bool, log) -> Path:
     record["timings"]["pre_edit_s"] = round(time.perf_counter() - t, 3)
     part_recs = [evals[a:b] for a, b in parts]
     record["zero_shot"] = [_reliability(editor, recs, bs) for recs in part_recs]
-    table, per_chunk = {}, {}
+    table = dict(extra.get("edit_table", {})) if resume else {}
+    per_chunk = dict(extra.get("edit_chunks", {})) if resume else {}
     for count in ev.edit_counts:
+        if str(count) in table:
+            log(f"[{cfg.name}] {count} edits: finished before the stop, kept")
+            continue
+        if count == biggest:  # the matrix is made in this count: start it again
+            record["matrix"], record["timings"]["experiences"] = [], []
         chunks = min(len(evals) // count, ev.max_chunks)
         rows, edit_s = [], 0.0
         for c in range(chunks):
@@ -169,6 +231,8 @@ def _run(cfg: EditConfig, run_dir: R.RunDir, *, overwrite: bool, log) -> Path:
         table[str(count)] = {"chunks": chunks, "records": chunks * count, **_weighted(rows),
                              "edit_s": edit_s / max(1, chunks * count)}
         per_chunk[str(count)] = [r for r, _ in rows]
+        record["extra"] = {**extra, "edit_table": table, "edit_chunks": per_chunk}
+        run_dir.write_record(record)  # a stop after this keeps the count (resume)
         log(f"[{cfg.name}] {count} edits x {chunks} chunk(s): " + " ".join(
             f"{SHORT[m]} {_pct(table[str(count)][f'{m}.token_acc'])}" for m in EM.METRICS))
     record["timings"]["total_s"] = round(time.perf_counter() - t0, 3)

@@ -23,7 +23,7 @@ from .errors import UserError
 from .registry import strategy_modules
 
 
-PRELOAD = ["lifelong_moe.runner", "lifelong_moe.streams.builder", "lifelong_moe.evaluator",
+PRELOAD = ["lifelong_moe.runner", "lifelong_moe.edit_runner", "lifelong_moe.streams.builder", "lifelong_moe.evaluator",
            *(f"lifelong_moe.strategies.{m}" for m in strategy_modules())]
 
 
@@ -69,21 +69,25 @@ def _run_variant(config: str, overrides: list[str], variant: str, out: str, opti
     return out
 
 
-def run_parallel(config: str, overrides: list[str], configs: list[RunConfig], outs: list[Path], jobs: int,
-                 options: dict, quiet: bool = False) -> None:
+def run_parallel(config: str, overrides: list[str], configs: list, outs: list[Path], jobs: int,
+                 options: dict, quiet: bool = False, *, worker=None, cost_of=None) -> None:
     """Run ``configs`` (variants of ``config`` with ``overrides``) into ``outs``, ``jobs`` at a time,
-    costliest first. A failing variant stops the others from starting and re-raises here."""
+    costliest first (``cost_of(cfg)``, default the strategy's cost hint). ``worker`` (a module-level
+    function taking ``(config, overrides, variant, out, options, quiet)``; default: ``runner.run``
+    on a run config) runs one variant in its process; ``lifelong-moe edit`` passes its own. A failing
+    variant stops the others from starting and re-raises here."""
+    worker, cost_of = worker or _run_variant, cost_of or cost
     from .device import resolve_device
 
     for cfg in configs:  # an unavailable device fails before any pretraining or run starts
         resolve_device(cfg.runtime.device)  # (no CUDA context here: the workers create their own)
     prepare_assets(configs, progress=not quiet)
-    order = sorted(range(len(configs)), key=lambda i: -cost(configs[i]))  # stable: config order on ties
+    order = sorted(range(len(configs)), key=lambda i: -cost_of(configs[i]))  # stable: config order on ties
     if not quiet:
         print(f"running {len(configs)} variants, {min(jobs, len(configs))} at a time in separate processes "
               f"(runtime.jobs / --jobs; --jobs 1 runs them one after the other with progress bars)", flush=True)
     with ProcessPoolExecutor(max_workers=min(jobs, len(configs)), mp_context=_context()) as pool:
-        futures = [pool.submit(_run_variant, config, list(overrides), configs[i].name.rsplit("/", 1)[-1],
+        futures = [pool.submit(worker, config, list(overrides), configs[i].name.rsplit("/", 1)[-1],
                                str(outs[i]), options, quiet) for i in order]
         _, pending = wait(futures, return_when=FIRST_EXCEPTION)
         for f in pending:

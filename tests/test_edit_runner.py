@@ -8,6 +8,7 @@ import pytest
 
 from edit_records import write_record_file
 from lifelong_moe.cli import main
+from lifelong_moe.errors import UserError
 
 CONFIG = """
 name: tiny_edit
@@ -49,6 +50,10 @@ def test_edit_run_writes_the_results_directory_and_the_table(config, tmp_path, c
     assert csv[0].startswith("edits,chunks,reliability.token_acc") and len(csv) == 4
     assert main(["metrics", str(out)]) == 0 and main(["compare", str(out), "-o", str(tmp_path / "cmp")]) == 0
     assert main(["edit", str(config), "-o", str(out), "-q"]) == 2  # a run is there: refused
+    before = (out / "results.json").read_bytes()
+    assert main(["edit", str(config), "-o", str(out), "-q", "--resume"]) == 0  # complete: left as it is
+    assert (out / "results.json").read_bytes() == before and "Rel" in capsys.readouterr().out
+    assert main(["edit", str(config), "-o", str(tmp_path / "none"), "--resume"]) == 2  # nothing to resume
 
 
 @pytest.mark.parametrize("override, message", [
@@ -112,3 +117,59 @@ def test_the_shipped_edit_configs_validate():
         only = [v["name"] for v in yaml.safe_load(path.read_text())["variants"] if live or v["name"] != "liveedit"]
         cfgs = load_edit_config(path, only=only)
         assert cfgs and all(c.evaluation.edit_counts == [1, 10, 100, 1000] for c in cfgs), path
+
+
+LIVE = """
+name: live_edit
+backbone: {name: lmoe-tiny-llava}
+method: {name: liveedit, steps: 4, batch_size: 4, lora_scale: 0.02}  # large experts: the numbers depend on the weights
+data: {source: synthetic, train: 8, eval: 8}
+evaluation: {edit_counts: [1, 4, 8], max_chunks: 2, matrix_chunks: 4, max_new_tokens: 3}
+runtime: {device: cpu, threads: 1}
+"""
+
+
+class Stop(Exception):
+    pass
+
+
+def test_a_stopped_edit_run_resumes_with_the_meta_trained_weights_and_the_same_numbers(tmp_path, monkeypatch):
+    from lifelong_moe.edit_runner import run_edit
+    from lifelong_moe.editing.config import load_edit_config
+    from lifelong_moe.strategies.liveedit import Method
+
+    path = tmp_path / "live.yaml"
+    path.write_text(LIVE)
+    cfg = load_edit_config(str(path))[0]
+    whole = json.loads((run_edit(cfg, tmp_path / "whole", log=lambda *_: None) / "results.json").read_text())
+
+    def stop_after_four(msg):
+        if "] 4 edits x" in msg:
+            raise Stop
+    with pytest.raises(Stop):
+        run_edit(cfg, tmp_path / "cut", log=stop_after_four)
+    cut = json.loads((tmp_path / "cut" / "results.json").read_text())
+    assert cut["status"] == "running" and list(cut["extra"]["edit_table"]) == ["1", "4"]
+    assert (tmp_path / "cut" / "checkpoints" / "fit.safetensors").is_file()
+
+    def no_fit(self, *a, **k):
+        raise AssertionError("meta-trained again on resume")
+    monkeypatch.setattr(Method, "fit", no_fit)
+    logs = []
+    with pytest.raises(UserError, match="already holds a run"):
+        run_edit(cfg, tmp_path / "cut", log=logs.append)
+    run_edit(cfg, tmp_path / "cut", resume=True, log=logs.append)
+    assert any("reloaded" in m for m in logs) and any("4 edits: finished before the stop" in m for m in logs)
+    again = json.loads((tmp_path / "cut" / "results.json").read_text())
+    assert again["status"] == "complete"
+    def metrics(table):  # every number but the timing
+        return {t: {k: v for k, v in row.items() if k != "edit_s"} for t, row in table.items()}
+    assert metrics(again["extra"]["edit_table"]) == metrics(whole["extra"]["edit_table"])
+    assert again["matrix"] == whole["matrix"] and again["zero_shot"] == whole["zero_shot"]
+    assert again["extra"]["fit"]["final_losses"] == whole["extra"]["fit"]["final_losses"]
+    assert whole["extra"]["edit_table"]["8"]["image_locality.token_acc"] < 1.0  # the experts act
+    logs.clear()
+    run_edit(cfg, tmp_path / "cut", resume=True, log=logs.append)  # complete: nothing to do
+    assert logs and "nothing to resume" in logs[0]
+    with pytest.raises(UserError, match="not both"):
+        run_edit(cfg, tmp_path / "cut", resume=True, overwrite=True)
