@@ -61,9 +61,9 @@ class Params(Strict):
     lr_cut_steps: list[int] = Field(default_factory=list, description="steps after which lr is multiplied by 0.1")
     batch_size: int = Field(8, ge=2, description="edits per meta-training batch")
     hard_filter: bool = Field(True, description="vision-sentinel hard filter (False: every expert passes)")
-    max_experts: int | None = Field(None, ge=1, description="keep at most this many experts per input (the "
-                                    "largest soft weights among those passing the filter); None = all, "
-                                    "as the reference")
+    max_experts: int | None = Field(8, ge=1, description="keep at most this many experts per input (the "
+                                    "largest soft weights among those passing the filter): a cost bound, "
+                                    "not in the paper; None = all that pass, as the reference")
     every_generation_step: bool = Field(True, description="apply the residual on every cached generation "
                                         "step (False: the reference's first forward only)")
     cache_train_states: bool = Field(True, description="run the frozen backbone once per train record and keep "

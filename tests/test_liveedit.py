@@ -35,7 +35,7 @@ def records():
 
 @pytest.fixture
 def method(vlm):
-    m = Method(Params())  # untrained modules: the routing rules hold for any weights
+    m = Method(Params(max_experts=None))  # the reference's routing; untrained: the rules hold for any weights
     m.attach(vlm)
     yield m
     m.detach()
