@@ -140,3 +140,40 @@ def test_ray_sweep(tiny, tmp_path, monkeypatch):
     assert sorted(s["status"] for s in again) == ["failed"] * 3 + ["skipped"] * 3
     assert all("asks for 64 GPU per run; the Ray cluster has 2 CPU" in s["error"]
                for s in again if s["status"] == "failed")
+
+
+@pytest.mark.slow
+def test_a_ray_worker_that_dies_mid_run_fails_that_run_only_and_the_rerun_resumes_it(tiny, tmp_path, monkeypatch):
+    pytest.importorskip("ray")
+    import os
+
+    from lifelong_moe import sweeps
+
+    real = sweeps.execute
+
+    def dying(run_, root, cwd=None):  # shipped to the Ray workers by value (a closure)
+        if run_["seed"] == 1:
+            from pathlib import Path
+
+            from lifelong_moe.config import validate
+            from lifelong_moe.runner import run as run_one
+            run_one(validate(run_["config"]), Path(root) / run_["dir"], stop_after=1, progress=False,
+                    log=lambda *_: None)
+            os._exit(1)  # the worker process dies after one experience, as when killed or out of memory
+        return real(run_, root, cwd)
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sweeps, "execute", dying)
+    args = ["sweep", str(tiny), "--seeds", "0,1,2", "-o", "sw", "--cpus", "2", "-q"]
+    assert main(args) == 1
+    runs = {s["seed"]: s for s in json.loads((tmp_path / "sw" / "sweep.json").read_text())["runs"]}
+    assert [runs[s]["status"] for s in (0, 1, 2)] == ["complete", "failed", "complete"]
+    assert runs[1]["error"]  # the driver reports the dead worker instead of hanging or crashing
+    assert len(record(tmp_path / "sw" / "tiny-seed1")["matrix"]) == 1  # what it wrote before dying is kept
+    monkeypatch.setattr(sweeps, "execute", real)
+    assert main(args) == 0  # the same command: the complete runs are skipped, the stopped one resumed
+    again = {s["seed"]: s for s in json.loads((tmp_path / "sw" / "sweep.json").read_text())["runs"]}
+    assert [again[s]["status"] for s in (0, 1, 2)] == ["skipped", "complete", "skipped"]
+    assert again[1]["action"] == "resumed"
+    whole = run(validate({**TINY, "seed": 1}), tmp_path / "whole", progress=False, log=lambda *_: None)
+    assert record(tmp_path / "sw" / "tiny-seed1")["matrix"] == record(whole)["matrix"]
