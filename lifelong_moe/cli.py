@@ -64,7 +64,7 @@ def cmd_run(a) -> int:
 
 def cmd_edit(a) -> int:
     """A lifelong knowledge-editing benchmark (:mod:`.edit_runner`)."""
-    from .edit_runner import cost_hint, format_table, output_dir, run_edit, run_variant
+    from .edit_runner import cost_hint, format_table, output_dir, run_edit
     from .editing.config import load_edit_config
     from .results import RunDir, load_record
 
@@ -85,8 +85,7 @@ def cmd_edit(a) -> int:
     if jobs > 1 and len(configs) > 1:  # one process per variant, `jobs` at a time
         from .jobs import run_parallel
 
-        run_parallel(a.config, overrides, configs, outs, jobs, options, quiet=a.quiet, worker=run_variant,
-                     cost_of=cost_hint)
+        run_parallel(a.config, overrides, configs, outs, jobs, options, quiet=a.quiet, kind="edit", cost_of=cost_hint)
     else:
         for cfg, out in zip(configs, outs):
             run_edit(cfg, out, progress=not a.quiet, log=(lambda *_: None) if a.quiet else print, **options)

@@ -116,19 +116,6 @@ def run_edit(cfg: EditConfig, out: str | Path | None = None, *, resume: bool = F
         return _run(cfg, run_dir, resume=resume, overwrite=overwrite, log=log)
 
 
-def run_variant(config: str, overrides: list[str], variant: str, out: str, options: dict, quiet: bool) -> str:
-    """One variant of an edit config in a worker process (``lifelong-moe edit -j N``; see
-    :func:`lifelong_moe.jobs.run_parallel`)."""
-    from .editing.config import load_edit_config
-
-    cfg = load_edit_config(config, overrides, only=[variant])[0]
-    t = time.perf_counter()
-    run_edit(cfg, out, progress=False, log=(lambda *_: None) if quiet else (lambda m: print(m, flush=True)), **options)
-    if not quiet:
-        print(f"[{cfg.name}] finished in {time.perf_counter() - t:.1f} s", flush=True)
-    return out
-
-
 def cost_hint(cfg: EditConfig) -> float:
     """Variants that meta-train first (LiveEdit) run longest: start them first."""
     return float(cfg.data.train > 0 or bool(cfg.data.train_path))

@@ -57,26 +57,31 @@ def cost(cfg: RunConfig) -> float:
     return strategy_class(cfg.strategy.name, cfg.backbone.family).cost_hint
 
 
-def _run_variant(config: str, overrides: list[str], variant: str, out: str, options: dict, quiet: bool) -> str:
-    from .config import load_config
-    from .runner import run
+def _run_variant(kind: str, config: str, overrides: list[str], variant: str, out: str, options: dict,
+                 quiet: bool) -> str:
+    """One variant in a worker process: ``kind`` "run" (``runner.run``) or "edit" (``edit_runner.run_edit``)."""
+    if kind == "edit":
+        from .edit_runner import run_edit as run_one
+        from .editing.config import load_edit_config as load
+    else:
+        from .config import load_config as load
+        from .runner import run as run_one
 
-    cfg = load_config(config, overrides, only=[variant])[0]
+    cfg = load(config, overrides, only=[variant])[0]
     t = time.perf_counter()
-    run(cfg, out, progress=False, log=(lambda *_: None) if quiet else (lambda m: print(m, flush=True)), **options)
+    run_one(cfg, out, progress=False, log=(lambda *_: None) if quiet else (lambda m: print(m, flush=True)), **options)
     if not quiet:
         print(f"[{cfg.name}] finished in {time.perf_counter() - t:.1f} s", flush=True)
     return out
 
 
 def run_parallel(config: str, overrides: list[str], configs: list, outs: list[Path], jobs: int,
-                 options: dict, quiet: bool = False, *, worker=None, cost_of=None) -> None:
+                 options: dict, quiet: bool = False, *, kind: str = "run", cost_of=None) -> None:
     """Run ``configs`` (variants of ``config`` with ``overrides``) into ``outs``, ``jobs`` at a time,
-    costliest first (``cost_of(cfg)``, default the strategy's cost hint). ``worker`` (a module-level
-    function taking ``(config, overrides, variant, out, options, quiet)``; default: ``runner.run``
-    on a run config) runs one variant in its process; ``lifelong-moe edit`` passes its own. A failing
-    variant stops the others from starting and re-raises here."""
-    worker, cost_of = worker or _run_variant, cost_of or cost
+    costliest first (``cost_of(cfg)``, default the strategy's cost hint). ``kind``: "run" (continual
+    runs) or "edit" (``lifelong-moe edit``). A failing variant stops the others from starting and
+    re-raises here."""
+    cost_of = cost_of or cost
     from .device import resolve_device
 
     for cfg in configs:  # an unavailable device fails before any pretraining or run starts
@@ -87,7 +92,7 @@ def run_parallel(config: str, overrides: list[str], configs: list, outs: list[Pa
         print(f"running {len(configs)} variants, {min(jobs, len(configs))} at a time in separate processes "
               f"(runtime.jobs / --jobs; --jobs 1 runs them one after the other with progress bars)", flush=True)
     with ProcessPoolExecutor(max_workers=min(jobs, len(configs)), mp_context=_context()) as pool:
-        futures = [pool.submit(worker, config, list(overrides), configs[i].name.rsplit("/", 1)[-1],
+        futures = [pool.submit(_run_variant, kind, config, list(overrides), configs[i].name.rsplit("/", 1)[-1],
                                str(outs[i]), options, quiet) for i in order]
         _, pending = wait(futures, return_when=FIRST_EXCEPTION)
         for f in pending:
