@@ -31,6 +31,7 @@ from pydantic import Field
 from torch import nn
 
 from lifelong_moe.config import Strict
+from lifelong_moe.editing import frozen_states
 from lifelong_moe.editing.bank import EditBank
 from lifelong_moe.editing.liveedit_modules import (FeatureExtractor, LowRankGenerator, apply_experts,
                                                    expert_residual, gather_experts, paired_similarity,
@@ -412,92 +413,22 @@ class Method:
         batch = self.vlm.batch(images, questions, [r.alt for r in recs] * 3 + [r.m_loc_a for r in recs])
         hidden, kwargs = self._to_block(batch)
         with torch.no_grad():
-            pre_loc = self._resume(hidden[3 * b:], self._slice_kwargs(kwargs, slice(3 * b, 4 * b)))
+            pre_loc = self._resume(hidden[3 * b:], frozen_states.slice_block_kwargs(kwargs, slice(3 * b, 4 * b)))
         return {"hidden": hidden, "kwargs": kwargs, "image": batch.image_mask, "prompt": batch.prompt_mask,
                 "answer": batch.answer_mask, "labels": batch.labels, "attention": batch.attention_mask,
                 "pre_loc": pre_loc.float().log_softmax(-1)}
 
-    @staticmethod
-    def _slice_kwargs(kwargs: dict, rows: slice) -> dict:
-        """The block kwargs of some rows: batch-first tensors (the attention mask) are cut, shared ones
-        (rotary embeddings of broadcast positions) kept."""
-        out = {}
-        for k, v in kwargs.items():
-            if isinstance(v, torch.Tensor) and v.ndim == 4 and k == "attention_mask":
-                v = v[rows]
-            elif isinstance(v, tuple) and all(isinstance(t, torch.Tensor) for t in v):
-                v = tuple(t[rows] if t.shape[0] > 1 else t for t in v)
-            out[k] = v
-        return out
-
     @torch.no_grad()
     def _frozen_cache(self, recs: list[EditRecord], chunk: int = 32) -> list[list[dict]]:
-        """Per record and input kind, the frozen pass's row trimmed to its length (hidden states,
-        spans, labels, pre-edit loc log-probabilities): the backbone runs once per record, not per
-        step (``cache_train_states``)."""
-        cache = []
-        for i in range(0, len(recs), chunk):
-            part = recs[i:i + chunk]
-            f = self._frozen(part)
-            b = len(part)
-            for j in range(b):
-                rows = []
-                for k in range(4):
-                    row = k * b + j
-                    n = int(f["attention"][row].sum())  # right padding: the row's tokens come first
-                    item = {key: f[key][row, :n].clone() for key in ("hidden", "image", "prompt", "answer", "labels")}
-                    if k == 3:
-                        item["pre_loc"] = f["pre_loc"][j, :n].clone()
-                    rows.append(item)
-                cache.append(rows)
-        return cache
+        """The frozen pass of every record once, trimmed per record and input kind
+        (``cache_train_states``; :mod:`lifelong_moe.editing.frozen_states`)."""
+        return [rows for i in range(0, len(recs), chunk)
+                for rows in frozen_states.trim(self._frozen(recs[i:i + chunk]))]
 
     def _from_cache(self, cache: list[list[dict]], pick) -> dict:
-        """A training batch like :meth:`_frozen`'s, from cached rows (right padded); the blocks'
-        kwargs (causal mask, rotary embeddings) are rebuilt by the language model for that shape."""
-        rows = [cache[i][k] for k in range(4) for i in pick]
-        length = max(len(r["labels"]) for r in rows)
-        dev = self.vlm.device
-
-        def pad(key, fill):
-            out = torch.full((len(rows), length, *rows[0][key].shape[1:]), fill, dtype=rows[0][key].dtype, device=dev)
-            for i, r in enumerate(rows):
-                out[i, :len(r[key])] = r[key]
-            return out
-
-        attention = torch.zeros(len(rows), length, dtype=torch.long, device=dev)
-        for i, r in enumerate(rows):
-            attention[i, :len(r["labels"])] = 1
-        b = len(pick)
-        loc = rows[3 * b:]
-        pre_loc = torch.zeros(b, length, loc[0]["pre_loc"].shape[-1], device=dev)
-        for i, r in enumerate(loc):
-            pre_loc[i, :len(r["pre_loc"])] = r["pre_loc"]
-        hidden = pad("hidden", 0.0)
-        return {"hidden": hidden, "kwargs": self._block_kwargs(hidden, attention), "image": pad("image", False),
-                "prompt": pad("prompt", False), "answer": pad("answer", False), "labels": pad("labels", IGNORE),
-                "attention": attention, "pre_loc": pre_loc}
-
-    @torch.no_grad()
-    def _block_kwargs(self, hidden: torch.Tensor, attention: torch.Tensor) -> dict:
-        """The kwargs the language model gives its decoder blocks for inputs of this shape and padding
-        (causal mask, positions, rotary embeddings): it is run on zeros and stopped at its first block."""
-        if self.layer == len(self.vlm.decoder_layers) - 1:
-            return {}  # nothing runs after the hooked block but the final norm
-        captured = {}
-
-        def grab(module, args, kwargs):
-            captured.update(kwargs)
-            raise _Stop
-
-        handle = self.vlm.decoder_layers[0].register_forward_pre_hook(grab, with_kwargs=True)
-        try:
-            self.vlm.language_model(inputs_embeds=torch.zeros_like(hidden), attention_mask=attention, use_cache=False)
-        except _Stop:
-            pass
-        finally:
-            handle.remove()
-        return captured
+        """A training batch like :meth:`_frozen`'s, from cached rows."""
+        return frozen_states.pad(cache, pick, self.vlm.device,
+                                 lambda h, a: frozen_states.decoder_block_kwargs(self.vlm, self.layer, h, a))
 
     def _meta_losses(self, f: dict, rng: np.random.Generator) -> dict[str, torch.Tensor]:
         """The reference's training losses (``liveedit.py:354-465``) on one frozen batch."""
