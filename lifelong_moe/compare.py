@@ -169,7 +169,8 @@ def _fmt(v: float | None, percent: bool) -> str | None:
 
 
 def _table(runs: list[RunResult]) -> tuple[list[str], list[list[str | None]]]:
-    keys = list(dict.fromkeys(k for r in runs for k in r.metrics))
+    drop = _other_families(runs)
+    keys = [k for k in dict.fromkeys(k for r in runs for k in r.metrics) if k not in drop]
     header = ["run", "strategy", "status", "trained"] + keys
     rows = [[r.label, r.strategy, r.status, f"{r.rows}/{r.num_tasks}"]
             + [_fmt(r.metrics.get(k), r.percent) for k in keys] for r in runs]
@@ -307,6 +308,15 @@ def compare_runs(run_dirs, out_dir, *, labels=None) -> dict[str, Path]:
 
 # ------------------------------------------------------------------------------- seed groups
 ALIASES = {"vqa": ("mtil_transfer", "mtil_avg", "mtil_last"), "": ("vqacl_ap", "vqacl_af")}
+# edit runs: chunks of edits are not domains (no MTIL transfer) and AP / AF repeat last / forgetting
+ALIASES["edit"] = ALIASES["vqa"] + ALIASES[""]
+
+
+def _other_families(runs) -> tuple[str, ...]:
+    """Metric names that only repeat (or do not apply to) the runs' kind of stream."""
+    kinds = {r.stream_kind for r in runs}
+    kind = kinds.pop() if len(kinds) == 1 else ""
+    return ALIASES.get(kind, ALIASES[""])
 
 
 def paper_keys(groups) -> list[str]:
@@ -314,8 +324,7 @@ def paper_keys(groups) -> list[str]:
     numbers (VQACL's AP/AF on classification streams, MTIL's on VQA)."""
     from .paper_tables import table_keys
 
-    vqa = all(r.stream_kind == "vqa" for g in groups for r in g.runs)
-    drop = ALIASES["vqa" if vqa else ""]
+    drop = _other_families([r for g in groups for r in g.runs])
     return [k for k in table_keys(groups) if k not in drop]
 
 
