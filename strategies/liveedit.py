@@ -22,12 +22,12 @@ See ``docs/liveedit.md`` for every deviation from the reference."""
 from __future__ import annotations
 
 import time
-from typing import Mapping, Sequence
+from typing import Literal, Mapping, Sequence
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from pydantic import Field
+from pydantic import Field, field_validator
 from torch import nn
 
 from lifelong_moe.config import Strict
@@ -45,6 +45,9 @@ __all__ = ["Params", "Method", "default_layer", "default_lora_scale"]
 EDIT_KEYS = ("c", "r", "text_key", "vision_key")
 
 
+REFERENCE_WIDTH, REFERENCE_LORA_SCALE = 4096, 5.0
+
+
 class Params(Strict):
     """LiveEdit's settings. The reference's sizes (``configs/liveedit/*.yaml``) are for 7B models
     (d_m 1024, 8 heads); the defaults here suit the tiny VLM (d 128)."""
@@ -55,8 +58,17 @@ class Params(Strict):
     module_dim: int = Field(64, ge=1, description="width d_m of queries and routing features")
     heads: int = Field(4, ge=1, description="attention heads of generators and extractors")
     slots: int = Field(4, ge=1, description="learned query slots of the routing features (eqe_n)")
-    lora_scale: float | None = Field(None, gt=0, description="generated experts are scaled by 1/(lora_scale*sqrt(r)); "
-                                     "None = width-matched: 5 sqrt(d / 4096), the reference's 5 at d = 4096")
+    lora_scale: float | Literal["width_matched"] = Field(
+        REFERENCE_LORA_SCALE, description="generated experts are scaled by 1/(lora_scale*sqrt(r)); 5 as the reference "
+        "(scale 0.1); 'width_matched' = 5 sqrt(d / 4096), the reference's residual size relative to the hidden "
+        "state at any width (0.88 for the tiny VLM)")
+
+    @field_validator("lora_scale")
+    @classmethod
+    def _positive(cls, v):
+        if v != "width_matched" and not v > 0:
+            raise ValueError("lora_scale must be > 0 or 'width_matched'")
+        return v
     steps: int = Field(1000, ge=0, description="meta-training steps")
     lr: float = Field(1e-3, gt=0, description="Adam learning rate of meta-training")
     lr_cut_steps: list[int] = Field(default_factory=list, description="steps after which lr is multiplied by 0.1")
@@ -73,15 +85,13 @@ class Params(Strict):
     seed: int = Field(0, description="initialisation of the trainable modules")
 
 
-REFERENCE_WIDTH, REFERENCE_LORA_SCALE = 4096, 5.0
-
-
 def default_lora_scale(d: int) -> float:
     """``5 sqrt(d / 4096)``: the reference's ``lora_scale`` 5 at the hidden width of its 7B LLMs, and at
     any other width d the one that keeps the residual's size relative to the hidden state. C and R
     are attention averages of LayerNormed d-vectors (norm ~ sqrt(d)), so ``ReLU(LN(h) C^T) R`` grows
     like ``d^1.5 s^2`` against ``|h| ~ sqrt(d)``; equal ``d s^2`` means ``s ~ 1 / sqrt(d)``. 0.88 for
-    the tiny VLM (d = 128): its experts get scale 0.57 instead of 0.1 (docs/liveedit.md, measured)."""
+    the tiny VLM (d = 128): its experts get scale 0.57 instead of 0.1 (``lora_scale: width_matched``;
+    docs/liveedit.md, measured)."""
     return REFERENCE_LORA_SCALE * (d / REFERENCE_WIDTH) ** 0.5
 
 
@@ -101,7 +111,7 @@ class _Nets(nn.Module):
         super().__init__()
         self.edit_extractor = FeatureExtractor(d, p.module_dim, p.slots, p.heads)
         self.input_extractor = FeatureExtractor(d, p.module_dim, p.slots, p.heads, sentinel_tokens=n_vision)
-        scale = default_lora_scale(d) if p.lora_scale is None else p.lora_scale
+        scale = default_lora_scale(d) if p.lora_scale == "width_matched" else p.lora_scale
         self.gen_c = LowRankGenerator(d, p.module_dim, p.rank, p.heads, scale)
         self.gen_r = LowRankGenerator(d, p.module_dim, p.rank, p.heads, scale)
         self.residual_norm = nn.LayerNorm(d)  # the reference's "instant_reps_norm"
@@ -164,11 +174,8 @@ class Method:
 
     def config(self) -> dict:
         """Params fields (what ``Editor.load`` validates and rebuilds from), ``layer`` resolved once attached."""
-        out = {"name": self.name, **self.params.model_dump(),
-               "layer": self.params.layer if self.layer is None else self.layer}
-        if out["lora_scale"] is None and self.nets is not None:
-            out["lora_scale"] = default_lora_scale(self.nets.residual_norm.normalized_shape[0])
-        return out
+        return {"name": self.name, **self.params.model_dump(),
+                "layer": self.params.layer if self.layer is None else self.layer}
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         self._require()

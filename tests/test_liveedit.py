@@ -99,26 +99,24 @@ def test_similarity_and_soft_weights_on_hand_made_inputs():
     assert (modules.routed_residual(x, c, r, *k)[1] == 0).all()
 
 
-def test_default_lora_scale_is_the_reference_at_its_width_and_width_matched_elsewhere(vlm):
+def test_lora_scale_is_the_reference_by_default_and_width_matched_on_request(vlm):
     from lifelong_moe.strategies.liveedit import default_lora_scale
     assert default_lora_scale(4096) == 5.0                      # the reference's LLaVA / MiniGPT-4 width
     assert default_lora_scale(128) == pytest.approx(5 / 32 ** 0.5)
     for d in (128, 1024, 4096):  # the residual's size relative to |h| ~ d s^2 stays the reference's
         s = 1 / (default_lora_scale(d) * 2)
         assert d * s ** 2 == pytest.approx(4096 * 0.1 ** 2)
-    m = Method(Params())
-    m.attach(vlm)
-    try:
-        assert m.nets.gen_c.scale == m.nets.gen_r.scale == pytest.approx(1 / (2 * 5 / 32 ** 0.5))
-        assert m.config()["lora_scale"] == pytest.approx(5 / 32 ** 0.5)  # resolved, as a store records it
-    finally:
-        m.detach()
-    m = Method(Params(lora_scale=5.0))
-    m.attach(vlm)
-    try:
-        assert m.nets.gen_c.scale == pytest.approx(0.1)          # an explicit value wins
-    finally:
-        m.detach()
+    for params, scale in ((Params(), 0.1), (Params(lora_scale="width_matched"), 1 / (2 * 5 / 32 ** 0.5)),
+                          (Params(lora_scale=1.0), 0.5)):
+        m = Method(params)
+        m.attach(vlm)
+        try:
+            assert m.nets.gen_c.scale == m.nets.gen_r.scale == pytest.approx(scale)
+        finally:
+            m.detach()
+    for bad in (0, -1.0, "width"):
+        with pytest.raises(ValueError):
+            Params(lora_scale=bad)
 
 
 def test_empty_store_is_bit_identical_to_the_backbone(vlm, records):
@@ -418,7 +416,7 @@ def test_meta_trained_liveedit_edits_generalises_and_keeps_locality_over_100_edi
     def exact(answers):
         return sum(a == r.alt for a, r in zip(answers, test))
 
-    m = Method(Params(steps=STEPS, lr=LR))
+    m = Method(Params(steps=STEPS, lr=LR, lora_scale="width_matched"))
     m.attach(vlm)
     try:
         stats = m.fit(train, seed=0)
