@@ -40,7 +40,7 @@ from lifelong_moe.editing.types import EditRecord
 from lifelong_moe.errors import UserError
 from lifelong_moe.vlm import IGNORE
 
-__all__ = ["Params", "Method", "default_layer", "default_lora_scale"]
+__all__ = ["Params", "Method", "default_layer", "width_matched_lora_scale"]
 
 EDIT_KEYS = ("c", "r", "text_key", "vision_key")
 
@@ -62,13 +62,6 @@ class Params(Strict):
         REFERENCE_LORA_SCALE, description="generated experts are scaled by 1/(lora_scale*sqrt(r)); 5 as the reference "
         "(scale 0.1); 'width_matched' = 5 sqrt(d / 4096), the reference's residual size relative to the hidden "
         "state at any width (0.88 for the tiny VLM)")
-
-    @field_validator("lora_scale")
-    @classmethod
-    def _positive(cls, v):
-        if v != "width_matched" and not v > 0:
-            raise ValueError("lora_scale must be > 0 or 'width_matched'")
-        return v
     steps: int = Field(1000, ge=0, description="meta-training steps")
     lr: float = Field(1e-3, gt=0, description="Adam learning rate of meta-training")
     lr_cut_steps: list[int] = Field(default_factory=list, description="steps after which lr is multiplied by 0.1")
@@ -84,8 +77,15 @@ class Params(Strict):
                                      "reruns it every step (large backbones)")
     seed: int = Field(0, description="initialisation of the trainable modules")
 
+    @field_validator("lora_scale")
+    @classmethod
+    def _positive(cls, v):
+        if v != "width_matched" and not v > 0:
+            raise ValueError("lora_scale must be > 0 or 'width_matched'")
+        return v
 
-def default_lora_scale(d: int) -> float:
+
+def width_matched_lora_scale(d: int) -> float:
     """``5 sqrt(d / 4096)``: the reference's ``lora_scale`` 5 at the hidden width of its 7B LLMs, and at
     any other width d the one that keeps the residual's size relative to the hidden state. C and R
     are attention averages of LayerNormed d-vectors (norm ~ sqrt(d)), so ``ReLU(LN(h) C^T) R`` grows
@@ -111,7 +111,7 @@ class _Nets(nn.Module):
         super().__init__()
         self.edit_extractor = FeatureExtractor(d, p.module_dim, p.slots, p.heads)
         self.input_extractor = FeatureExtractor(d, p.module_dim, p.slots, p.heads, sentinel_tokens=n_vision)
-        scale = default_lora_scale(d) if p.lora_scale == "width_matched" else p.lora_scale
+        scale = width_matched_lora_scale(d) if p.lora_scale == "width_matched" else p.lora_scale
         self.gen_c = LowRankGenerator(d, p.module_dim, p.rank, p.heads, scale)
         self.gen_r = LowRankGenerator(d, p.module_dim, p.rank, p.heads, scale)
         self.residual_norm = nn.LayerNorm(d)  # the reference's "instant_reps_norm"

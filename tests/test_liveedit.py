@@ -100,11 +100,11 @@ def test_similarity_and_soft_weights_on_hand_made_inputs():
 
 
 def test_lora_scale_is_the_reference_by_default_and_width_matched_on_request(vlm):
-    from lifelong_moe.strategies.liveedit import default_lora_scale
-    assert default_lora_scale(4096) == 5.0                      # the reference's LLaVA / MiniGPT-4 width
-    assert default_lora_scale(128) == pytest.approx(5 / 32 ** 0.5)
+    from lifelong_moe.strategies.liveedit import width_matched_lora_scale
+    assert width_matched_lora_scale(4096) == 5.0  # the reference's LLaVA / MiniGPT-4 width
+    assert width_matched_lora_scale(128) == pytest.approx(5 / 32 ** 0.5)
     for d in (128, 1024, 4096):  # the residual's size relative to |h| ~ d s^2 stays the reference's
-        s = 1 / (default_lora_scale(d) * 2)
+        s = 1 / (width_matched_lora_scale(d) * 2)
         assert d * s ** 2 == pytest.approx(4096 * 0.1 ** 2)
     for params, scale in ((Params(), 0.1), (Params(lora_scale="width_matched"), 1 / (2 * 5 / 32 ** 0.5)),
                           (Params(lora_scale=1.0), 0.5)):
