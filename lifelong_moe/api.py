@@ -38,8 +38,6 @@ def run(config, overrides=None, output=None, *, only=None, resume: bool = False,
     for opt, v in (("--stop-after", stop_after), ("--jobs", jobs)):
         if v is not None and v < 1:
             raise UserError(f"{opt} must be at least 1, got {v}")
-    if resume and overwrite:
-        raise UserError("give one of --resume (continue the run) and --overwrite (start it again), not both")
     log = (lambda *_: None) if quiet else print
     options = {"resume": resume, "overwrite": overwrite, "stop_after": stop_after}
     if isinstance(config, RunConfig):

@@ -68,8 +68,6 @@ def cmd_edit(a) -> int:
     from .editing.config import load_edit_config
     from .results import RunDir, load_record
 
-    if a.resume and a.overwrite:
-        raise UserError("give one of --resume (continue the run) and --overwrite (start it again), not both")
     only = [w.strip() for w in a.only.split(",") if w.strip()] if a.only else None
     overrides = list(a.overrides) + list(a.set or [])
     configs = load_edit_config(a.config, overrides, only=only)

@@ -109,8 +109,6 @@ def format_table(rows: list[tuple[str, dict]], key: str = "token_acc") -> str:
 def run_edit(cfg: EditConfig, out: str | Path | None = None, *, resume: bool = False, overwrite: bool = False,
              progress: bool = True, log=print) -> Path:
     """Run (or resume) one edit configuration; return the results directory."""
-    if resume and overwrite:
-        raise UserError("give one of --resume (continue the run) and --overwrite (start it again), not both")
     run_dir = R.RunDir(output_dir(cfg, out))
     with torch_threads(cfg.runtime.threads), run_dir.releasing():
         return _run(cfg, run_dir, resume=resume, overwrite=overwrite, log=log)
@@ -181,8 +179,7 @@ def _run(cfg: EditConfig, run_dir: R.RunDir, *, resume: bool, overwrite: bool, l
     record["timings"]["pre_edit_s"] = round(time.perf_counter() - t, 3)
     part_recs = [evals[a:b] for a, b in parts]
     record["zero_shot"] = [_reliability(editor, recs, bs) for recs in part_recs]
-    table = dict(extra.get("edit_table", {})) if resume else {}
-    per_chunk = dict(extra.get("edit_chunks", {})) if resume else {}
+    table, per_chunk = dict(extra.get("edit_table", {})), dict(extra.get("edit_chunks", {}))  # {} unless resumed
     for count in ev.edit_counts:
         if str(count) in table:
             log(f"[{cfg.name}] {count} edits: finished before the stop, kept")

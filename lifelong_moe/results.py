@@ -229,6 +229,8 @@ class RunDir:
     # ------------------------------------------------------------------------------------ state
     def check_start(self, cfg: RunConfig, *, resume: bool, overwrite: bool) -> dict:
         """Validate the directory for a new run or a resume; return the saved record (or {})."""
+        if resume and overwrite:
+            raise UserError("give one of --resume (continue the run) and --overwrite (start it again), not both")
         rj = self.path / "results.json"
         _writable_dir(self.path)
         self.check_unlocked()

@@ -214,9 +214,8 @@ class Retrieval:
     def __init__(self, params: RetrievalParams):
         self.params = params
         self.vlm = None
-        self.keys = torch.zeros(0, 0)
         self.answers: list[torch.Tensor] = []
-        self._keys = EditBank(["key"])  # the stored features, grown in place (keys is its view)
+        self._keys = EditBank(["key"])  # the stored features, grown in place
 
     def attach(self, vlm) -> None:
         self.vlm = vlm
@@ -328,16 +327,16 @@ class Retrieval:
     def set_edits(self, edits: Mapping[str, Mapping[str, torch.Tensor]]) -> None:
         self._keys.rebuild([{"key": e["key"]} for e in edits.values()])
         self.answers = [e["answer"] for e in edits.values()]
-        self._sync()
 
     def add_edits(self, edits: Mapping[str, Mapping[str, torch.Tensor]]) -> None:
         self._keys.extend([{"key": e["key"]} for e in edits.values()])
         self.answers += [e["answer"] for e in edits.values()]
-        self._sync()
 
-    def _sync(self) -> None:
+    @property
+    def keys(self) -> torch.Tensor:
+        """The stored features ``[M, d]`` (a view of the bank; ``[0, 0]`` when empty)."""
         view = self._keys.view()
-        self.keys = torch.zeros(0, 0) if view is None else view["key"]
+        return torch.zeros(0, 0) if view is None else view["key"]
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         return {}
