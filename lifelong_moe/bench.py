@@ -6,6 +6,10 @@
   adapted text tower, CE, backward, AdamW step) with MoE-Adapters (``experts`` per block, top-``k``,
   both towers, noisy per-task router) against the floor: one dense bottleneck adapter per block in
   the same towers, same width;
+- with ``breakdown``, the training gap to the k*r floor split three ways by two more variants: the
+  floor stepping an optimiser over as many parameters as the MoE has (all ``experts`` of every
+  block: AdamW updates unselected experts too, as in the reference), and the MoE with its routers
+  replaced by one fixed top-``k`` assignment (the gathered per-sample dispatch without routing);
 - inference of ``infer_batch`` images with a task's router against plain CLIP, against the same
   dense-adapter floor, and against one dense adapter of width ``k * bottleneck`` (exactly the
   arithmetic of ``k`` experts: that ratio is the pure cost of routing and dispatch); and MoE
@@ -67,6 +71,21 @@ def inject_dense(model: nn.Module, towers=("image", "text"), bottleneck: int = 6
     return [p for b in blocks for p in b.adapter.parameters()]
 
 
+class _FixedRouter(nn.Module):
+    """Stands in for a block's router in the breakdown: every sample to experts ``0..k-1``, equal gates."""
+
+    def __init__(self, k: int):
+        super().__init__()
+        self.k = k
+
+    def forward(self, c, task=None, keep=None):
+        from .moe.routers import Routing
+
+        B = c.shape[0]
+        idx = torch.arange(self.k, device=c.device).expand(B, -1)
+        return Routing(idx, c.new_full((B, self.k), 1.0 / self.k))
+
+
 def _median_times(fns: dict, repeats: int, warmup: int) -> dict[str, float]:
     for _ in range(warmup):
         for fn in fns.values():
@@ -82,7 +101,7 @@ def _median_times(fns: dict, repeats: int, warmup: int) -> dict[str, float]:
 
 def moe_cost(experts: int = 22, k: int = 2, model: str = "lmoe-tiny-vit-p4", batch: int = 64, prompts: int = 10,
              infer_batch: int = 128,
-             repeats: int = 30, warmup: int = 5, threads: int = 2, seed: int = 0) -> dict:
+             repeats: int = 30, warmup: int = 5, threads: int = 2, seed: int = 0, breakdown: bool = False) -> dict:
     """Median seconds per training step / inference batch and the MoE-over-baseline ratios."""
     from .clip import create_clip
 
@@ -116,7 +135,7 @@ def moe_cost(experts: int = 22, k: int = 2, model: str = "lmoe-tiny-vit-p4", bat
             "dense_k": torch.optim.AdamW(dense_k_params, lr=1e-4)}
     scale = base.logit_scale.exp().detach()
 
-    def step(model, opt):
+    def step(model, opt, extra_opt=None):
         def run():
             model.train()
             img = F.normalize(model.encode_image(x), dim=-1)
@@ -125,10 +144,23 @@ def moe_cost(experts: int = 22, k: int = 2, model: str = "lmoe-tiny-vit-p4", bat
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
+            if extra_opt is not None:
+                extra_opt.step()
         return run
 
-    train = _median_times({name: step(m, opts[name]) for name, m in (("moe", moe), ("dense", dense),
-                                                                     ("dense_k", dense_k))}, repeats, warmup)
+    variants = {name: step(m, opts[name]) for name, m in (("moe", moe), ("dense", dense), ("dense_k", dense_k))}
+    if breakdown:
+        fixed = copy.deepcopy(moe)
+        fixed_handle = type(handle)(fixed)
+        for m in fixed_handle.select():
+            m.router = _FixedRouter(k)
+        # zero-gradient stand-ins for the MoE parameters the floor lacks, stepped by a second AdamW
+        pad = sum(p.numel() for p in handle.parameters()) - sum(p.numel() for p in dense_k_params)
+        pad_param = nn.Parameter(torch.zeros(max(pad, 1)))
+        pad_param.grad = torch.zeros_like(pad_param)
+        variants["moe_fixed_routing"] = step(fixed, torch.optim.AdamW(fixed_handle.parameters(), lr=1e-4))
+        variants["dense_k_moe_params"] = step(dense_k, opts["dense_k"], torch.optim.AdamW([pad_param], lr=1e-4))
+    train = _median_times(variants, repeats, warmup)
 
     ddas = DDAS(base.visual.output_dim, num_tasks=1)
     ddas.set_task_ae(0, ddas.new_autoencoder())
@@ -160,7 +192,7 @@ def moe_cost(experts: int = 22, k: int = 2, model: str = "lmoe-tiny-vit-p4", bat
     inference = _median_times({"moe": infer(moe), "plain": infer(base), "dense": infer(dense),
                                "dense_k": infer(dense_k), "moe_ddas": infer(moe, "split"),
                                "moe_ddas_before": infer(moe, "before")}, repeats, warmup)
-    return {
+    record = {
         "setup": {"model": model, "experts": experts, "top_k": k, "towers": ["image", "text"],
                   "batch": batch, "prompts": prompts, "infer_batch": infer_batch, "repeats": repeats,
                   "threads": threads},
@@ -173,6 +205,18 @@ def moe_cost(experts: int = 22, k: int = 2, model: str = "lmoe-tiny-vit-p4", bat
         "inference_with_ddas_ratio_vs_plain_clip": inference["moe_ddas"] / inference["plain"],
         "inference_with_ddas_before_ratio_vs_plain_clip": inference["moe_ddas_before"] / inference["plain"],
     }
+    if breakdown:
+        record["train_gap_breakdown_s"] = train_gap_breakdown(train)
+    return record
+
+
+def train_gap_breakdown(train: dict[str, float]) -> dict[str, float]:
+    """Split ``moe - dense_k`` (seconds per training step) into the optimiser over the MoE's extra
+    parameters, the gathered per-sample dispatch (fixed routing) and the routers; the parts add up."""
+    optimizer = train["dense_k_moe_params"] - train["dense_k"]
+    dispatch = train["moe_fixed_routing"] - train["dense_k"] - optimizer
+    return {"total": train["moe"] - train["dense_k"], "optimizer_over_moe_params": optimizer,
+            "per_sample_dispatch": dispatch, "routing": train["moe"] - train["moe_fixed_routing"]}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -183,6 +227,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--top-k", type=int, default=2)
     ap.add_argument("--repeats", type=int, default=30)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--breakdown", action="store_true",
+                    help="also split the training gap to the k*r floor into optimiser, dispatch and routing")
     ap.add_argument("--json", action="store_true", help="print the whole record as JSON")
     a = ap.parse_args(argv)
     for opt, v, low in (("--experts", a.experts, 1), ("--top-k", a.top_k, 1), ("--repeats", a.repeats, 1),
@@ -191,7 +237,8 @@ def main(argv: list[str] | None = None) -> int:
             raise UserError(f"{opt} must be at least {low}, got {v}")
     if a.top_k > a.experts:
         raise UserError(f"--top-k {a.top_k} exceeds --experts {a.experts}")
-    r = moe_cost(experts=a.experts, k=a.top_k, model=a.model, repeats=a.repeats, threads=a.threads)
+    r = moe_cost(experts=a.experts, k=a.top_k, model=a.model, repeats=a.repeats, threads=a.threads,
+                 breakdown=a.breakdown)
     if a.json:
         print(json.dumps(r, indent=2))
     else:
@@ -199,6 +246,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"train step: MoE {t['moe'] * 1e3:.1f} ms, dense adapter {t['dense'] * 1e3:.1f} ms "
               f"-> {r['train_ratio_vs_dense_adapter']:.2f}x (reference code: 1.55x); vs one dense adapter of "
               f"width k*64 ({t['dense_k'] * 1e3:.1f} ms): {r['train_ratio_vs_dense_k_width']:.2f}x")
+        if "train_gap_breakdown_s" in r:
+            b = {key: v * 1e3 for key, v in r["train_gap_breakdown_s"].items()}
+            print(f"  the {b['total']:.1f} ms over the k*r floor: optimiser over the MoE's parameters "
+                  f"{b['optimizer_over_moe_params']:+.1f} ms, per-sample gathered dispatch {b['per_sample_dispatch']:+.1f} ms, "
+                  f"routers {b['routing']:+.1f} ms")
         print(f"inference ({r['setup']['infer_batch']} images): MoE {i['moe'] * 1e3:.1f} ms, plain CLIP "
               f"{i['plain'] * 1e3:.1f} ms -> {r['inference_ratio_vs_plain_clip']:.2f}x (reference code: 1.2x)")
         print(f"inference vs the dense-adapter floor ({i['dense'] * 1e3:.1f} ms): "

@@ -1,10 +1,8 @@
 """Config loading: extends, overrides, variants, and one clear error per bad input."""
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
-import yaml
 
 from lifelong_moe.config import apply_overrides, load_config
 from lifelong_moe.errors import ConfigError

@@ -1,7 +1,6 @@
 """MoE-Adapters + DDAS strategy (strategies/moe_adapters.py, lifelong_moe/moe/ddas.py) on a tiny
 random-init CLIP and tiny streams."""
 import copy
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -11,7 +10,7 @@ from avalanche.core import SupervisedPlugin
 
 from lifelong_moe.config import load_config
 from lifelong_moe.errors import UserError
-from lifelong_moe.moe.ddas import DDAS, OOD, AutoEncoder, fit_autoencoder
+from lifelong_moe.moe.ddas import OOD
 from lifelong_moe.runner import build
 from lifelong_moe.strategies.moe_adapters import freeze_choice, reference_parameter_count
 
@@ -187,110 +186,7 @@ def test_loss_is_ce_plus_weighted_aux(weight):
             assert aux > 0 and torch.allclose(loss, ce + weight * aux)
 
 
-# ---------------------------------------------------------------------------------------- DDAS
-def clusters(seed=0, dim=24, n=64):
-    g = torch.Generator().manual_seed(seed)
-    centres = {name: torch.randn(dim, generator=g) * 3 for name in ("a", "b", "ref", "far")}
-    return {k: torch.sigmoid(c + 0.3 * torch.randn(n, dim, generator=g)) for k, c in centres.items()}
-
-
-def batches(x, bs=16, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    while True:
-        for idx in torch.randperm(len(x), generator=g).split(bs):
-            yield x[idx]
-
-
-@pytest.fixture(scope="module")
-def ddas():
-    torch.manual_seed(0)
-    data = clusters()
-    d = DDAS(24, hidden=8, num_tasks=3)
-    for slot, key in ((0, "a"), (1, "b"), (None, "ref")):
-        ae = d.new_autoencoder()
-        fit_autoencoder(ae, batches(data[key]), iterations=300, lr=0.01, steps_per_epoch=4)
-        d.set_reference(ae) if slot is None else d.set_task_ae(slot, ae)
-    return d, clusters(seed=0, n=96)  # same centres, fresh samples for the checks
-
-
-def test_ddas_selects_cluster_and_reference_routes_to_ood(ddas):
-    d, data = ddas
-    assert (d.decide(data["a"][64:], [0, 1], None) == 0).all()
-    assert (d.decide(data["b"][64:], [0, 1], None) == 1).all()
-    assert (d.decide(data["ref"][64:], [0, 1], None) == OOD).all()
-
-
-def test_ddas_threshold_fallback(ddas):
-    d, data = ddas
-    err_a = d.errors(data["a"][64:], [0])[0][:, 1]
-    assert (d.decide(data["a"][64:], [0, 1], float(err_a.max()) * 1.01) == 0).all()
-    assert (d.decide(data["a"][64:], [0, 1], float(err_a.min()) * 0.99) == OOD).all()
-    far = d.decide(data["far"], [0, 1], float(err_a.max()) * 1.01)
-    assert (far == OOD).all()
-
-
-def test_ddas_batch_vs_sample_decision(ddas):
-    d, data = ddas
-    mixed = torch.cat([data["a"][64:70], data["b"][64:66]])
-    assert d.decide(mixed, [0, 1], None, "sample").tolist() == [0] * 6 + [1] * 2
-    assert d.decide(mixed, [0, 1], None, "batch").tolist() == [0] * 8  # one choice from the mean errors
-
-
-def test_ddas_future_task_autoencoders_do_not_take_part(ddas):
-    d, data = ddas
-    dec = d.decide(data["b"][64:], [0], None)  # AE 1 exists but task 1 is not trained
-    assert not (dec == 1).any()
-    assert (d.decide(data["a"][64:], [], None) == OOD).all()  # only the reference AE is left
-    assert (DDAS(24).decide(data["a"][64:], [0], None) == OOD).all()  # no AE at all
-
-
-def test_per_task_thresholds_judge_the_winning_task_by_its_own_tau(ddas):
-    d, data = ddas
-    err_a = d.errors(data["a"][64:], [0])[0][:, 1]
-    err_b = d.errors(data["b"][64:], [1])[0][:, 1]
-    tight_a = {0: float(err_a.min()) * 0.99, 1: float(err_b.max()) * 1.01}
-    assert (d.decide(data["a"][64:], [0, 1], tight_a) == OOD).all()  # a's own tau rejects a
-    assert (d.decide(data["b"][64:], [0, 1], tight_a) == 1).all()  # b's tau accepts b
-    assert (d.decide(data["a"][64:], [0, 1], {1: 0.0}) == 0).all()  # no tau for task 0: never falls back
-    d.calibration = torch.tensor([0.02, float("nan"), 0.9])
-    assert d.task_thresholds([0, 1]) == {0: pytest.approx(0.02)}
-
-
-def test_stacked_autoencoders_give_the_loop_errors_and_decisions(ddas):
-    """One stacked forward for all autoencoders = the per-autoencoder loop (float tolerance, same
-    decisions); the stack follows new, refitted and reloaded autoencoders."""
-    d, data = ddas
-    st = copy.deepcopy(d)
-    st.stacked = True
-    x = torch.cat([data[k][64:] for k in ("a", "b", "ref", "far")])
-    for active in ([0, 1], [1], []):
-        (e_loop, l_loop), (e_st, l_st) = d.errors(x, active), st.errors(x, active)
-        assert l_loop == l_st
-        torch.testing.assert_close(e_st, e_loop, rtol=1e-5, atol=1e-7)
-        assert torch.equal(st.decide(x, active, None), d.decide(x, active, None))
-        assert torch.equal(st.decide(x, active, {0: 0.05, 1: 0.05}), d.decide(x, active, {0: 0.05, 1: 0.05}))
-    chunked = st._stacked_errors(x, [st.reference, st.task_aes["0"]], max_floats=3 * 2 * 24)
-    torch.testing.assert_close(chunked, d.errors(x, [0])[0], rtol=1e-5, atol=1e-7)
-    st.errors(x, [0, 1])  # stack built for these three
-    fit_autoencoder(st.task_aes["1"], batches(data["a"]), iterations=5)  # refit in place: new version
-    loop = copy.deepcopy(st)
-    loop.stacked = False
-    torch.testing.assert_close(st.errors(x, [0, 1])[0], loop.errors(x, [0, 1])[0], rtol=1e-5, atol=1e-7)
-    st.set_task_ae(0, st.new_autoencoder())  # a new autoencoder object in a slot
-    assert not torch.allclose(st.errors(x, [0, 1])[0], loop.errors(x, [0, 1])[0])
-    st.load_state_dict(loop.state_dict())  # and loaded values (copied in place)
-    torch.testing.assert_close(st.errors(x, [0, 1])[0], loop.errors(x, [0, 1])[0], rtol=1e-5, atol=1e-7)
-
-
-def test_calibrated_threshold_is_max_of_task_quantiles():
-    d = DDAS(4, num_tasks=3)
-    assert d.calibrated_threshold([0, 1]) is None
-    d.calibration[0], d.calibration[1], d.calibration[2] = 0.02, 0.05, 0.9
-    assert d.calibrated_threshold([0, 1]) == pytest.approx(0.05)
-    ae = AutoEncoder(4, 2)
-    assert ae.errors(torch.rand(5, 4)).shape == (5,)
-
-
+# ------------------------------------------------------------------------ DDAS in the strategy
 @pytest.fixture(scope="module")
 def ddas_run(domain_files):
     """Two distinct domains, DDAS on frozen CLIP features with a synthetic reference AE."""
@@ -499,115 +395,3 @@ def test_reference_parameter_count_vit_b16():
     assert c["moe_total"] == 51_059_712 and c["ddas_autoencoder"] == 8_696_164
     assert round(c["paper_count"] / 1e6, 1) == 59.8
     assert round(reference_parameter_count("ViT-B-16", num_tasks=1, num_experts=2)["moe_total"] / 1e6, 2) == 4.03
-
-
-def test_bench_moe_cost_smoke():
-    import math
-
-    from lifelong_moe.bench import moe_cost
-
-    r = moe_cost(experts=4, batch=4, prompts=3, infer_batch=8, repeats=1, warmup=0, threads=1)
-    assert r["setup"] == {"model": "lmoe-tiny-vit-p4", "experts": 4, "top_k": 2, "towers": ["image", "text"],
-                          "batch": 4, "prompts": 3, "infer_batch": 8, "repeats": 1, "threads": 1}
-    times = {**{f"train.{k}": v for k, v in r["train_step_s"].items()},
-             **{f"inference.{k}": v for k, v in r["inference_s"].items()}}
-    assert set(times) == {"train.moe", "train.dense", "train.dense_k", "inference.moe", "inference.plain", "inference.dense",
-                          "inference.dense_k", "inference.moe_ddas", "inference.moe_ddas_before"}
-    assert all(math.isfinite(v) and v > 0 for v in times.values()), times
-    ratios = {"train_ratio_vs_dense_adapter": ("train.moe", "train.dense"),
-              "train_ratio_vs_dense_k_width": ("train.moe", "train.dense_k"),
-              "inference_ratio_vs_plain_clip": ("inference.moe", "inference.plain"),
-              "inference_ratio_vs_dense_adapter": ("inference.moe", "inference.dense"),
-              "inference_ratio_vs_dense_k_width": ("inference.moe", "inference.dense_k"),
-              "inference_with_ddas_ratio_vs_plain_clip": ("inference.moe_ddas", "inference.plain"),
-              "inference_with_ddas_before_ratio_vs_plain_clip": ("inference.moe_ddas_before", "inference.plain")}
-    for key, (num, den) in ratios.items():  # each ratio is the quotient of the times it names
-        assert r[key] == pytest.approx(times[num] / times[den], rel=1e-12), key
-
-
-def test_bench_cli_passes_options_and_prints_the_record(monkeypatch, capsys):
-    import json
-
-    from lifelong_moe import bench
-    from lifelong_moe.cli import main
-
-    calls = []
-    record = {"setup": {"infer_batch": 128}, "train_step_s": {"moe": 0.3, "dense": 0.2, "dense_k": 0.25},
-              "train_ratio_vs_dense_k_width": 1.2,
-              "inference_s": {"moe": 0.12, "plain": 0.1, "dense": 0.11, "dense_k": 0.115, "moe_ddas": 0.25},
-              "train_ratio_vs_dense_adapter": 1.5, "inference_ratio_vs_plain_clip": 1.2,
-              "inference_ratio_vs_dense_adapter": 0.12 / 0.11, "inference_ratio_vs_dense_k_width": 0.12 / 0.115,
-              "inference_with_ddas_ratio_vs_plain_clip": 2.5}
-    monkeypatch.setattr(bench, "moe_cost", lambda **kw: calls.append(kw) or record)
-    assert main(["bench", "moe", "--experts", "3", "--top-k", "1", "--model", "lmoe-tiny-vit", "--repeats", "2",
-                 "--threads", "1", "--json"]) == 0
-    assert calls == [{"experts": 3, "k": 1, "model": "lmoe-tiny-vit", "repeats": 2, "threads": 1}]
-    assert json.loads(capsys.readouterr().out) == record
-    assert main(["bench", "moe"]) == 0
-    assert calls[-1] == {"experts": 22, "k": 2, "model": "lmoe-tiny-vit-p4", "repeats": 30, "threads": 2}
-    out = capsys.readouterr().out
-    assert "MoE 300.0 ms, dense adapter 200.0 ms -> 1.50x" in out and "plain CLIP 100.0 ms -> 1.20x" in out
-    assert "width k*64 (250.0 ms): 1.20x" in out
-    assert "inference (128 images)" in out and "250.0 ms -> 2.50x" in out
-
-
-def test_bench_moe_scale_smoke_and_cli(monkeypatch, capsys):
-    import math
-
-    from lifelong_moe import bench_scale
-    from lifelong_moe.cli import main
-
-    r = bench_scale.scale_cost([3, 1], model="lmoe-tiny-vit", batch=2, repeats=1, warmup=0, threads=1, experts=4)
-    assert [row["tasks"] for row in r["rows"]] == [1, 3] and r["setup"]["ddas_dim"] == 256  # AlexNet conv5 at 32 px
-    for row in r["rows"]:
-        times = {**row["inference_s"], **row["parts_s"]}
-        assert all(math.isfinite(v) and v > 0 for v in times.values()), times
-        for key in ("moe", "ddas_loop", "ddas_stacked"):
-            assert row[f"ratio_{key}_vs_plain"] == pytest.approx(times[key] / times["plain"], rel=1e-12)
-        assert row["tasks_in_batch"] == min(2, row["tasks"])
-    calls = []
-    monkeypatch.setattr(bench_scale, "scale_cost", lambda tasks, **kw: calls.append((tasks, kw)) or r)
-    assert main(["bench", "moe_scale", "--tasks", "2,7", "--batch", "3", "--repeats", "1", "--threads", "1"]) == 0
-    assert calls[-1] == ([2, 7], {"model": "ViT-B-16", "batch": 3, "repeats": 1, "threads": 1, "experts": 22, "k": 2,
-                                  "log": print})
-    assert main(["bench", "moe_scale", "--tasks", "x"]) == 2
-    assert "--tasks must be comma-separated integers" in capsys.readouterr().err
-
-
-def test_bench_quickstart_runs_cold_then_warm_on_one_fresh_cache(monkeypatch, tmp_path, capsys):
-    import subprocess
-
-    from lifelong_moe.cli import main
-
-    seen = []
-
-    def fake_run(cmd, env):
-        cache = Path(env["LIFELONG_MOE_CACHE"])
-        seen.append((cmd, cache, cache.exists() and any(cache.iterdir())))
-        cache.mkdir(parents=True, exist_ok=True)
-        (cache / "model.safetensors").write_text("x")  # what a cold run leaves behind
-        return subprocess.CompletedProcess(cmd, 0)
-
-    monkeypatch.setattr(subprocess, "run", fake_run)
-    keep = tmp_path / "keep"
-    assert main(["bench", "quickstart", "--only", "zeroshot", "--keep", str(keep)]) == 0
-    (cold, cache, warm_before), (warm, cache2, warm_now) = seen
-    assert cache == cache2 == keep / "cache" and not warm_before and warm_now
-    assert cold[-5:] == ["-o", str(keep / "run_cold"), "-q", "--only", "zeroshot"] and cold[1:4] == ["-m", "lifelong_moe", "run"]
-    assert "cold (empty cache, pretraining included) 0 min" in capsys.readouterr().out
-    assert main(["bench", "quickstart", "--keep", str(keep)]) == 2  # not empty: the cold run would be warm
-    assert main(["bench", "quickstart", "--config", str(tmp_path / "nope.yaml")]) == 2
-
-
-def test_pixel_features_keep_style_and_are_deterministic():
-    from lifelong_moe.moe.ddas import PixelFeatures
-
-    g = torch.Generator().manual_seed(0)
-    clean = torch.rand(4, 3, 32, 32, generator=g) * 0.1 + torch.linspace(0, 1, 32).view(1, 1, 1, 32)
-    noisy = clean + 0.3 * torch.randn(4, 3, 32, 32, generator=g)
-    f = PixelFeatures()
-    a, b = f(clean), f(noisy)
-    assert a.shape == (4, 3 * 64 + 3 * 16 + 3) and ((a > 0) & (a < 1)).all()
-    assert torch.equal(a, f(clean))
-    energy = slice(3 * 64, 3 * 64 + 3 * 16)  # the high-frequency map sees the noise
-    assert (b[:, energy].mean(1) > a[:, energy].mean(1) + 0.05).all()
