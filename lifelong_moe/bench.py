@@ -36,6 +36,7 @@ from torch import nn
 from .errors import UserError
 from .moe import inject_moe_adapters
 from .moe.ddas import DDAS, ClipFeatures
+from .moe.routers import Routing
 
 
 class DenseAdapterBlock(ResidualAttentionBlock):
@@ -79,8 +80,6 @@ class _FixedRouter(nn.Module):
         self.k = k
 
     def forward(self, c, task=None, keep=None):
-        from .moe.routers import Routing
-
         B = c.shape[0]
         idx = torch.arange(self.k, device=c.device).expand(B, -1)
         return Routing(idx, c.new_full((B, self.k), 1.0 / self.k))
