@@ -96,12 +96,29 @@ REF_MOE = {"num_experts": 4, "bottleneck": 8,
            "ddas": {"iterations": 30, "reference_iterations": 30, "reference_samples": 64}}
 THIRD = 1 / 3
 # Recorded with the code before runtime.device / runtime.precision existed (commit cb7704b): the
-# matrix, and the sum, 18th and last of the 48 logged training losses (6 decimals each).
+# matrix, and the sum, 18th and last of the 48 logged training losses (6 decimals each). fp32 sums
+# round differently on another CPU's kernels (MKL's AVX2 path on an AMD EPYC flips one lora test
+# sample and moves losses by 4e-6), so there is one set per machine kind the old commit was run on;
+# the run must reproduce one of them. On a new kind of machine, record its set by running the
+# configuration below with commit cb7704b.
 BEFORE = {
-    "lora": ([[0.25, THIRD, THIRD], [0.2916666666666667, THIRD, THIRD], [0.25, 0.6111111111111112, THIRD]],
-             (58.640629, 1.389483, 1.097203)),
-    "moe_adapters": ([[0.25, THIRD, THIRD]] * 3, (59.656728, 1.415654, 0.995023)),
+    "lora": {
+        "first build machine": ([[0.25, THIRD, THIRD], [0.2916666666666667, THIRD, THIRD],
+                                 [0.25, 0.6111111111111112, THIRD]], (58.640629, 1.389483, 1.097203)),
+        "AMD EPYC, AVX2": ([[0.25, THIRD, THIRD], [0.2916666666666667, THIRD, THIRD],
+                            [0.25, 0.5555555555555556, THIRD]], (58.640628, 1.389483, 1.097203)),
+    },
+    "moe_adapters": {
+        "first build machine": ([[0.25, THIRD, THIRD]] * 3, (59.656728, 1.415654, 0.995023)),
+        "AMD EPYC, AVX2": ([[0.25, THIRD, THIRD]] * 3, (59.65674, 1.41565, 0.995021)),
+    },
 }
+
+
+def reproduces(matrix, ls, reference) -> bool:
+    ref_matrix, (total, at18, last) = reference
+    return (matrix == ref_matrix and len(ls) == 48 and (ls[17], ls[-1]) == pytest.approx((at18, last), abs=2e-6)
+            and sum(ls) == pytest.approx(total, abs=1e-4))
 
 
 def losses(d):
@@ -112,11 +129,11 @@ def losses(d):
 def test_cpu_fp32_numbers_are_those_from_before_devices_existed(tmp_path, name):
     params = {"name": name, **({"r": 4} if name == "lora" else REF_MOE)}
     out = run(tiny_config(params, runtime__device="cpu", **REF), tmp_path / "cpu", progress=False, log=quiet)
-    matrix, (total, at18, last) = BEFORE[name]
-    assert record(out)["matrix"] == matrix and record(out)["zero_shot"] == [0.25, THIRD, THIRD]
-    ls = losses(out)
-    assert len(ls) == 48 and (ls[17], ls[-1]) == pytest.approx((at18, last), abs=2e-6)
-    assert sum(ls) == pytest.approx(total, abs=1e-4)
+    assert record(out)["zero_shot"] == [0.25, THIRD, THIRD]
+    matrix, ls = record(out)["matrix"], losses(out)
+    matched = [kind for kind, ref in BEFORE[name].items() if reproduces(matrix, ls, ref)]
+    assert matched, (f"{name}: matrix {matrix}, losses sum {sum(ls):.6f}, 18th {ls[17]}, last {ls[-1]} match no "
+                     f"set recorded with the pre-device code ({', '.join(BEFORE[name])})")
 
 
 @pytest.mark.skipif(GPU, reason="auto is the GPU here")
