@@ -12,13 +12,8 @@ _warnings.filterwarnings("ignore", message="no QP solver found")
 
 def __getattr__(name: str):
     """The Python API (:mod:`lifelong_moe.api`), imported on first use so ``import lifelong_moe`` stays
-    light. ``compare`` is also a submodule: importing it binds the module here, so the module itself
-    is callable as the API function (see the end of :mod:`lifelong_moe.compare`)."""
-    if name == "compare":
-        import importlib
-
-        return importlib.import_module(".compare", __name__)
-    if name in ("run", "sweep", "load_run"):
+    light."""
+    if name in ("run", "sweep", "load_run", "compare"):
         from . import api
 
         return getattr(api, name)

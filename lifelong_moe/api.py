@@ -31,7 +31,7 @@ def run(config, overrides=None, output=None, *, only=None, resume: bool = False,
     each); or run a :class:`~lifelong_moe.config.RunConfig` as it is. Returns the results directories."""
     from .config import RunConfig, load_config
     from .results import RunDir
-    from .runner import output_dir, run as run_one
+    from .runs.runner import output_dir, run as run_one
 
     overrides = list(overrides or [])
     only = [only] if isinstance(only, str) else only
@@ -43,14 +43,14 @@ def run(config, overrides=None, output=None, *, only=None, resume: bool = False,
     if isinstance(config, RunConfig):
         if overrides or only:
             raise UserError("run(RunConfig): overrides and only apply to a config file; change the RunConfig instead")
-        from .runner import resolve_runtime
+        from .runs.runner import resolve_runtime
 
         resolve_runtime(config)
         return [run_one(config, output_dir(config, output), progress=not quiet, log=log, **options)]
-    from . import distributed
+    from .runtime import distributed
 
     if not distributed.launched() and (jobs if jobs is not None else _jobs_in(config, overrides)) > 1:
-        from .jobs import start_early
+        from .runs.jobs import start_early
 
         start_early()  # the workers' imports overlap the validation below
     configs = load_config(config, overrides, only=only)
@@ -61,13 +61,13 @@ def run(config, overrides=None, output=None, *, only=None, resume: bool = False,
     if distributed.launched():  # torchrun: every variant in turn, each data-parallel over the processes
         jobs = 1
     if jobs > 1 and len(configs) > 1:
-        from .jobs import run_parallel
+        from .runs.jobs import run_parallel
 
         for cfg, out in zip(configs, outs):  # refuse before any variant starts writing
             RunDir(out).check_start(cfg, resume=resume, overwrite=overwrite)
         run_parallel(str(config), overrides, configs, outs, jobs, options, quiet=quiet)
     else:
-        from .runner import resolve_runtime
+        from .runs.runner import resolve_runtime
 
         for cfg in configs:  # an unavailable device fails before any variant starts writing
             resolve_runtime(cfg)
@@ -80,8 +80,8 @@ def sweep(configs, *, seeds=None, grid=(), overrides=(), output="sweeps", only=N
           local: bool = False, num_cpus=None, cpus_per_run=None, gpus_per_run=None, progress: bool = True):
     """Run configs x variants x ``grid`` (``{"training.optimizer.lr": [1e-3, 3e-3]}`` or
     ``["key=v1,v2"]``) x ``seeds`` as Ray tasks (``local=True``: one after the other here); see
-    :mod:`lifelong_moe.sweeps`. Returns a :class:`~lifelong_moe.sweeps.SweepResult`."""
-    from .sweeps import sweep as run_sweep
+    :mod:`lifelong_moe.runs.sweeps`. Returns a :class:`~lifelong_moe.runs.sweeps.SweepResult`."""
+    from .runs.sweeps import sweep as run_sweep
 
     return run_sweep(configs, seeds=seeds, grid=grid, overrides=overrides, output=output, only=only, address=address,
                      local=local, num_cpus=num_cpus, cpus_per_run=cpus_per_run, gpus_per_run=gpus_per_run,
@@ -89,10 +89,10 @@ def sweep(configs, *, seeds=None, grid=(), overrides=(), output="sweeps", only=N
 
 
 def load_run(path, label: str | None = None):
-    """A results directory as a :class:`~lifelong_moe.compare.RunResult`: ``matrix`` (numpy, rows =
+    """A results directory as a :class:`~lifelong_moe.report.compare.RunResult`: ``matrix`` (numpy, rows =
     experiences trained), ``zero_shot`` (numpy or None), ``tasks``, ``metrics`` (name -> value),
     ``config`` (the resolved configuration, a dict), ``seed``, ``status``."""
-    from .compare import load_run as load
+    from .report.compare import load_run as load
 
     return load(path, label)
 
@@ -101,7 +101,7 @@ def compare(runs, output=None, *, labels=None) -> dict:
     """The comparison figures (matplotlib ``Figure`` objects, by name) of run directories or loaded
     runs; runs that differ only by seed are drawn as mean +- std. With ``output``, also writes every
     file ``lifelong-moe compare`` writes there."""
-    from .compare import compare_figures, compare_runs
+    from .report.compare import compare_figures, compare_runs
 
     runs = list(runs) if not isinstance(runs, (str, Path)) else [runs]
     if output is not None:

@@ -32,7 +32,7 @@ def compare_variants(outs: list[Path], what: str = "plots and tables") -> None:
     """Plots and tables of several variants' runs beside them (``<common parent>/compare``)."""
     if len(outs) < 2:
         return
-    from .compare import compare_runs
+    from .report.compare import compare_runs
 
     dest = Path(os.path.commonpath([str(o.resolve()) for o in outs])) / "compare"
     try:
@@ -48,7 +48,7 @@ def cmd_run(a) -> int:
     only = [w.strip() for w in a.only.split(",") if w.strip()] if a.only else None
     outs = run(a.config, a.overrides, a.output, only=only, resume=a.resume, overwrite=a.overwrite,
                stop_after=a.stop_after, jobs=a.jobs, quiet=a.quiet)
-    from . import distributed
+    from .runtime import distributed
 
     if not distributed.is_main():  # rank 0 prints the table and draws the comparison
         return 0
@@ -64,7 +64,7 @@ def cmd_run(a) -> int:
 
 def cmd_edit(a) -> int:
     """A lifelong knowledge-editing benchmark (:mod:`.edit_runner`)."""
-    from .edit_runner import cost_hint, format_table, output_dir, run_edit
+    from .runs.edit_runner import cost_hint, format_table, output_dir, run_edit
     from .editing.config import load_edit_config
     from .results import RunDir, load_record
 
@@ -81,7 +81,7 @@ def cmd_edit(a) -> int:
         raise UserError(f"--jobs must be at least 1, got {jobs}")
     options = {"resume": a.resume, "overwrite": a.overwrite}
     if jobs > 1 and len(configs) > 1:  # one process per variant, `jobs` at a time
-        from .jobs import run_parallel
+        from .runs.jobs import run_parallel
 
         run_parallel(a.config, overrides, configs, outs, jobs, options, quiet=a.quiet, kind="edit", cost_of=cost_hint)
     else:
@@ -97,7 +97,7 @@ def cmd_edit(a) -> int:
 
 
 def cmd_compare(a) -> int:
-    from .compare import compare_runs, format_summary
+    from .report.compare import compare_runs, format_summary
 
     paths = compare_runs([Path(d) for d in a.runs], Path(a.output))
     print(format_summary([Path(d) for d in a.runs]))  # per seed group when runs differ only by seed
@@ -107,7 +107,7 @@ def cmd_compare(a) -> int:
 
 def cmd_sweep(a) -> int:
     from .api import sweep
-    from .sweeps import status_table
+    from .runs.sweeps import status_table
 
     for opt, v in (("--cpus", a.cpus), ("--cpus-per-run", a.cpus_per_run)):
         if v is not None and v <= 0:
@@ -144,12 +144,11 @@ def cmd_metrics(a) -> int:
 
 def cmd_pretrain(a) -> int:
     if a.what == "vlm":
-        from .pretrain_vlm import cli_pretrain_vlm
+        from .backbones.pretrain_vlm import cli_pretrain_vlm
 
         return cli_pretrain_vlm(a)
-    from .clip import resolve_synthetic
+    from .backbones.pretrain_clip import PretrainConfig, format_table, read_info, resolve_synthetic
     from .config import apply_overrides, read_yaml_tree
-    from .pretrain import PretrainConfig, format_table, read_info
 
     overrides = list(a.overrides)
     if a.config and "=" in a.config and not Path(a.config).exists():
@@ -172,27 +171,27 @@ def cmd_pretrain(a) -> int:
 
 def cmd_bench(a) -> int:
     if a.what == "cl_moe":
-        from .bench_cl_moe import main as bench_main
+        from .bench.cl_moe import main as bench_main
     elif a.what == "edit":
-        from .bench_edit import main as bench_main
+        from .bench.edit import main as bench_main
     elif a.what == "moe_scale":
-        from .bench_scale import main as bench_main
+        from .bench.scale import main as bench_main
     elif a.what == "quickstart":
-        from .bench_quickstart import main as bench_main
+        from .bench.quickstart import main as bench_main
     else:
-        from .bench import main as bench_main
+        from .bench.moe_adapters import main as bench_main
 
     return bench_main(a.args)
 
 
 def cmd_list(a) -> int:
-    from . import metrics
-    from .clip import shipped_model_names
+    from .evaluation import metrics
+    from .backbones.clip import shipped_model_names
     from .registry import FAMILIES, STRATEGIES, STREAM_KINDS
     from .streams.mtil import NAMED_ORDERS
     from .streams.sources import KNOWN_SOURCES
-    from .streams.vqa_synthetic import KNOWN_VQA_SOURCES
-    from .vlm_tiny import shipped_vlm_names
+    from .streams.vqa_sources import KNOWN_VQA_SOURCES
+    from .backbones.vlm_tiny import shipped_vlm_names
 
     print("families:   " + "; ".join(f"{k}: {v}" for k, v in FAMILIES.items()))
     print("strategies: " + ", ".join(f"{n} ({'/'.join(f)})" for n, f in sorted(STRATEGIES.items())))
@@ -275,7 +274,7 @@ def parser() -> argparse.ArgumentParser:
                        "edit: answering with 10,000 stored edits, edit() cost, bytes per edit)",
                        add_help=False)
     b.add_argument("what", choices=["moe", "cl_moe", "moe_scale", "quickstart", "edit"])
-    b.add_argument("args", nargs=argparse.REMAINDER, help="options of python -m lifelong_moe.bench (--help)")
+    b.add_argument("args", nargs=argparse.REMAINDER, help="options of python -m lifelong_moe.bench.moe_adapters (--help)")
     b.set_defaults(fn=cmd_bench)
     sub.add_parser("list", help="known streams, datasets, backbones, strategies, metrics").set_defaults(fn=cmd_list)
     return p
@@ -299,7 +298,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse(argv)
     try:
         if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # torchrun (lifelong_moe/distributed.py)
-            from .distributed import stopped_peer
+            from .runtime.distributed import stopped_peer
 
             with stopped_peer():  # a lost process becomes one UserError
                 return args.fn(args)

@@ -226,7 +226,7 @@ class RuntimeConfig(Strict):
     ``jobs > 1`` every variant's process uses this same device: on one GPU they share its memory and
     compute. ``precision``: ``fp32``, or ``bf16`` / ``fp16`` mixed precision (autocast around forward
     passes, trainable weights and optimiser state kept in fp32, fp16 with a loss scaler); see
-    :mod:`lifelong_moe.device`. ``auto`` is the CPU on a machine without a GPU, and CPU fp32 runs
+    :mod:`lifelong_moe.runtime.device`. ``auto`` is the CPU on a machine without a GPU, and CPU fp32 runs
     compute exactly what they did before these settings existed."""
 
     threads: Optional[int] = Field(None, ge=1, le=1024)  # torch's OpenMP pool segfaults at 100000
@@ -248,7 +248,7 @@ class WandbConfig(Strict):
 
 class LoggingConfig(Strict):
     """Optional experiment trackers, off by default: per-step loss / lr, every matrix row and metric
-    (:mod:`lifelong_moe.trackers`). The results directory stays the record of the run."""
+    (:mod:`lifelong_moe.runs.trackers`). The results directory stays the record of the run."""
 
     tensorboard: Optional[str] = None  # event files under <tensorboard>/<name>/seed<seed>
     wandb: Optional[WandbConfig] = None

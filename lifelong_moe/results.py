@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 import yaml
 
-from . import metrics as M
+from .evaluation import metrics as M
 from .config import RunConfig
 from .errors import UserError
 from .io import atomic_path, read_json, read_jsonl, write_json, write_jsonl, write_text, write_yaml

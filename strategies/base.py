@@ -7,7 +7,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from lifelong_moe.clip import ClipClassifier, Head
+from lifelong_moe.backbones.clip import ClipClassifier, Head
 from lifelong_moe.data import TaskInfo
 from lifelong_moe.streams.builder import eval_classes
 

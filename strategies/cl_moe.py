@@ -188,7 +188,7 @@ class ClMoEMethod:
 
     def reduce_eval_records(self) -> None:
         """torchrun: this row's inferred-task counts summed over the ranks' test shards."""
-        from lifelong_moe import distributed
+        from lifelong_moe.runtime import distributed
 
         distributed.reduce_row_counts(self.inference, self.trained_count - 1, len(self.tasks), len(self.tasks) + 1,
                                       self.device)

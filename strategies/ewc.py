@@ -16,7 +16,7 @@ from avalanche.core import SupervisedPlugin
 from pydantic import Field
 from torch.utils.data import DataLoader
 
-from lifelong_moe import distributed
+from lifelong_moe.runtime import distributed
 
 from .base import ClipStrategy, StatefulPlugin, StrategyParams
 from .finetune import unfreeze_towers

@@ -38,7 +38,7 @@ from lifelong_moe.editing.liveedit_modules import (FeatureExtractor, LowRankGene
                                                    slot_similarity, soft_weights)
 from lifelong_moe.editing.types import EditRecord
 from lifelong_moe.errors import UserError
-from lifelong_moe.vlm import IGNORE
+from lifelong_moe.backbones.vlm import IGNORE
 
 __all__ = ["Params", "Method", "default_layer", "width_matched_lora_scale"]
 
@@ -284,7 +284,7 @@ class Method:
 
     @torch.no_grad()
     def routing(self, batch) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(keep, weights)`` ``[B, M]`` of a :class:`~lifelong_moe.vlm.VlmBatch` over the stored edits."""
+        """``(keep, weights)`` ``[B, M]`` of a :class:`~lifelong_moe.backbones.vlm.VlmBatch` over the stored edits."""
         self._require()
         if self._bank is None:
             z = torch.zeros(len(batch), 0, device=self.vlm.device)

@@ -23,7 +23,7 @@ import torch
 from pydantic import Field, model_validator
 from torch.utils.data import DataLoader, Subset
 
-from lifelong_moe import distributed
+from lifelong_moe.runtime import distributed
 from lifelong_moe.config import SourceSpec, Strict
 from lifelong_moe.errors import UserError
 from lifelong_moe.moe import inject_moe_adapters
@@ -502,7 +502,7 @@ def reference_parameter_count(name: str = "ViT-B-16", num_tasks: int = 11, ae_in
     default). ViT-B-16 with the defaults gives 51.06M + 8.70M = 59.76M ("59.8M")."""
     import open_clip
 
-    from lifelong_moe.clip import register_model_configs
+    from lifelong_moe.backbones.clip import register_model_configs
 
     register_model_configs()
     p = Params(**params)

@@ -17,9 +17,9 @@ from avalanche.training.templates import SupervisedTemplate
 from torch import nn
 from tqdm.auto import tqdm
 
-from lifelong_moe import distributed
+from lifelong_moe.runtime import distributed
 from lifelong_moe.config import RunConfig, Strict
-from lifelong_moe.device import autocast, full_precision, grad_scaler
+from lifelong_moe.runtime.device import autocast, full_precision, grad_scaler
 
 
 class StrategyParams(Strict):
@@ -49,7 +49,7 @@ class ContinualTemplate(SupervisedTemplate):
     def __init__(self, *, model: nn.Module, cfg: RunConfig, params: StrategyParams, tasks: list,
                  device: str | torch.device = "cpu", precision: str = "fp32", progress: bool = True):
         """``device``: where the model, everything ``setup`` creates and plugin state live (the runner
-        passes the resolved ``runtime.device``); ``precision``: see :mod:`lifelong_moe.device`."""
+        passes the resolved ``runtime.device``); ``precision``: see :mod:`lifelong_moe.runtime.device`."""
         self.cfg, self.params, self.tasks, self.progress = cfg, params, tasks, progress
         self.precision = precision
         self.scaler = grad_scaler(device, precision)

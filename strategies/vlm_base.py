@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 
 from lifelong_moe.data import QARecord, QATask
-from lifelong_moe.vlm import VisionLanguageModel
+from lifelong_moe.backbones.vlm import VisionLanguageModel
 
 from .template import ContinualTemplate, StatefulPlugin, StrategyParams
 

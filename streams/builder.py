@@ -135,7 +135,7 @@ def vqa_order(cfg: StreamConfig) -> list[str]:
 
 def load_qa(cfg: StreamConfig, qtype: str, seed: int) -> QAData:
     """One question type's data (``questions_per_type``: questions drawn per split, seeded)."""
-    from .vqa_synthetic import load_vqa_source
+    from .vqa_sources import load_vqa_source
 
     dataset = cfg.dataset if isinstance(cfg.dataset, str) else cfg.dataset.dataset
     sizes = {k: v for k, v in (("n_train", cfg.questions_per_type.train), ("n_test", cfg.questions_per_type.test))

@@ -33,7 +33,7 @@ The types (what each asks; answers; the scenes it is asked on):
 pretrained on; the other five stay unseen, so a continual stream has something new to learn.
 
 Streams name a task ``synthetic_vqa/<type>`` (or, for real VQA v2 data in the VQACL partition format,
-``vqacl/<type>``, see :mod:`.vqacl`) and load it with :func:`load_vqa_source`.
+``vqacl/<type>``, see :mod:`.vqacl`) and load it with :func:`.vqa_sources.load_vqa_source`.
 """
 from __future__ import annotations
 
@@ -63,7 +63,7 @@ HELD_OUT_TYPES: list[str] = [t for t in QUESTION_TYPES if t not in PRETRAIN_TYPE
 
 __all__ = ["QUESTION_TYPES", "PRETRAIN_TYPES", "HELD_OUT_TYPES", "DEFINITIONS", "VQA_GENERATOR_VERSION",
            "make_questions", "sample_for", "qa_examples", "answer_space", "chance_level", "vocabulary", "words",
-           "load_question_type", "load", "register_vqa_source", "load_vqa_source", "KNOWN_VQA_SOURCES",
+           "load_question_type", "load",
            "UnknownQuestionTypeError", "CORNERS", "CAUSES"]
 
 
@@ -389,35 +389,3 @@ def load(name: str, *, seed: int = 0, n_train: int = 300, n_test: int = 100, **_
     """Source entry point ``load("synthetic_vqa/color", seed=...)``; other keyword arguments of the
     generic loaders (root, ...) are accepted and ignored."""
     return load_question_type(name, seed=seed, n_train=n_train, n_test=n_test)
-
-
-# ----------------------------------------------------------------------------- VQA source registry
-VQA_SOURCES: dict[str, Callable[..., QAData]] = {}
-KNOWN_VQA_SOURCES: list[str] = []
-
-
-def register_vqa_source(prefix: str, fn: Callable[..., QAData], names=()) -> None:
-    """Add a VQA source family: ``load_vqa_source("<prefix>/<task>", ...)`` calls ``fn`` with the full name."""
-    VQA_SOURCES[prefix] = fn
-    KNOWN_VQA_SOURCES[:] = sorted(set(KNOWN_VQA_SOURCES) | set(names or [prefix]))
-
-
-def load_vqa_source(name: str, *, root=None, seed: int = 0, **kwargs) -> QAData:
-    """Load one VQA task by name: ``synthetic_vqa/<type>`` (keywords n_train, n_test) or
-    ``vqacl/<type>`` (real VQA v2 in the VQACL partition format under ``root``; see :mod:`.vqacl`)."""
-    prefix = str(name).split("/", 1)[0]
-    if prefix not in VQA_SOURCES or "/" not in str(name):
-        close = difflib.get_close_matches(str(name), KNOWN_VQA_SOURCES, n=1, cutoff=0.6)
-        raise UnknownQuestionTypeError(f"unknown VQA task {name!r}" + (f" (did you mean {close[0]!r}?)" if close
-                                       else "") + f"; known: {', '.join(KNOWN_VQA_SOURCES)}")
-    return VQA_SOURCES[prefix](name, root=root, seed=seed, **kwargs)
-
-
-def _load_vqacl(name: str, *, root=None, seed: int = 0, **kwargs) -> QAData:
-    from .vqacl import load as load_vqacl_source
-
-    return load_vqacl_source(name, root=root, seed=seed, **kwargs)
-
-
-register_vqa_source("synthetic_vqa", load, names=[f"synthetic_vqa/{t}" for t in QUESTION_TYPES])
-register_vqa_source("vqacl", _load_vqacl, names=[f"vqacl/{t}" for t in QUESTION_TYPES])

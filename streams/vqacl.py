@@ -33,7 +33,7 @@ from torch.utils.data import Dataset
 
 from ..data import QAData, QARecord
 from ..errors import UserError
-from ..vqa_metrics import normalize_answer
+from ..evaluation.vqa_metrics import normalize_answer
 
 __all__ = ["load_vqacl", "load", "partition_file", "image_path", "VQACLDataError", "VQAImageFiles"]
 

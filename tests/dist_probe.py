@@ -9,7 +9,7 @@ import time
 
 from safetensors.torch import save_file
 
-from lifelong_moe import distributed
+from lifelong_moe.runtime import distributed
 from lifelong_moe.cli import main
 from lifelong_moe.strategies.template import ContinualTemplate
 

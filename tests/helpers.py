@@ -50,7 +50,7 @@ def write_domain_files(root: Path, n_train: int, n_test: int = 16) -> list[Path]
 
 def build_on_domains(paths, strategy: dict, **over):
     """``runner.build`` of a multi-domain stream over ``paths`` (from :func:`write_domain_files`)."""
-    from lifelong_moe.runner import build
+    from lifelong_moe.runs.runner import build
 
     over = {"stream__kind": "multi_domain", "stream__num_experiences": None, "stream__dataset": None,
             "stream__samples_per_class": {},

@@ -8,10 +8,10 @@ import pytest
 import yaml
 from matplotlib.collections import PolyCollection
 
-from lifelong_moe.aggregate import group_runs, paired
+from lifelong_moe.report.aggregate import group_runs, paired
 from lifelong_moe.cli import main
-from lifelong_moe.compare import compare_figures, compare_runs, load_runs
-from lifelong_moe.paper_tables import latex_table, markdown_table
+from lifelong_moe.report.compare import compare_figures, compare_runs, load_runs
+from lifelong_moe.report.paper_tables import latex_table, markdown_table
 
 TASKS = ["a", "b"]
 CONFIG = {"name": "m", "stream": {"kind": "class_incremental"}, "training": {"lr": 0.1}, "output": {"dir": "x"}}

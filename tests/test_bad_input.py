@@ -244,7 +244,7 @@ def test_metrics_reads_a_run_directory_or_its_results_json(tmp_path, capsys):
 
 
 def test_variants_on_different_streams_run_but_are_not_plotted_together(tmp_path, capsys, monkeypatch):
-    import lifelong_moe.runner as runner
+    import lifelong_moe.runs.runner as runner
 
     def fake_run(cfg, out, **_):  # a finished run whose first task is named after the class order
         return run_dir(Path(out), tasks=[{**TASKS[0], "name": f"digits[{cfg.stream.class_order}]"}, TASKS[1]])

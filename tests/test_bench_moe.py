@@ -6,11 +6,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from lifelong_moe.bench import train_gap_breakdown
+from lifelong_moe.bench.moe_adapters import train_gap_breakdown
 
 
 def test_bench_moe_cost_smoke():
-    from lifelong_moe.bench import moe_cost
+    from lifelong_moe.bench.moe_adapters import moe_cost
 
     r = moe_cost(experts=4, batch=4, prompts=3, infer_batch=8, repeats=1, warmup=0, threads=1)
     assert "train_gap_breakdown_s" not in r  # only on request
@@ -35,7 +35,7 @@ def test_bench_moe_cost_smoke():
 def test_bench_cli_passes_options_and_prints_the_record(monkeypatch, capsys):
     import json
 
-    from lifelong_moe import bench
+    from lifelong_moe.bench import moe_adapters as bench
     from lifelong_moe.cli import main
 
     calls = []
@@ -67,7 +67,7 @@ def test_bench_cli_passes_options_and_prints_the_record(monkeypatch, capsys):
 
 
 def test_bench_moe_scale_smoke_and_cli(monkeypatch, capsys):
-    from lifelong_moe import bench_scale
+    from lifelong_moe.bench import scale as bench_scale
     from lifelong_moe.cli import main
 
     r = bench_scale.scale_cost([3, 1], model="lmoe-tiny-vit", batch=2, repeats=1, warmup=0, threads=1, experts=4)
@@ -125,7 +125,7 @@ def test_train_gap_breakdown_on_hand_made_times():
 def test_bench_moe_breakdown_runs_the_two_extra_variants(monkeypatch):
     """--breakdown times the fixed-routing MoE (its routers replaced, every sample on experts 0..k-1)
     and the floor stepping as many parameters as the MoE; the record splits the gap from those times."""
-    from lifelong_moe import bench
+    from lifelong_moe.bench import moe_adapters as bench
 
     routed = []
     real = bench._FixedRouter.forward

@@ -6,7 +6,7 @@ import json
 import pytest
 import torch
 
-from lifelong_moe import runner
+from lifelong_moe.runs import runner
 from lifelong_moe.config import validate
 from lifelong_moe.errors import UserError
 
@@ -127,7 +127,7 @@ def test_generation_prefill_and_teacher_forcing_pool_the_same_prompt_features():
 
 def test_bench_cl_moe_smoke():
     """The cost benchmark runs and compares like with like (timings are never asserted)."""
-    from lifelong_moe.bench_cl_moe import cl_moe_cost
+    from lifelong_moe.bench.cl_moe import cl_moe_cost
 
     r = cl_moe_cost(batch=4, infer_batch=4, max_new_tokens=2, repeats=1, warmup=0, threads=1)
     assert r["setup"]["adapted_linears"] == LAYERS * MODULES

@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from lifelong_moe.runner import build
+from lifelong_moe.runs.runner import build
 
 from helpers import build_on_domains, tiny_config, write_domain_files
 

@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from lifelong_moe.clip import create_clip, encode_text
+from lifelong_moe.backbones.clip import create_clip, encode_text
 from lifelong_moe.moe import inject_moe_adapters
 
 PROMPTS = ["a photo of a red circle.", "two small green striped squares in the top left on a gray background.",

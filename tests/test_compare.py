@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from matplotlib.image import imread
 
-from lifelong_moe.compare import compare_runs, format_metrics_table, load_run, load_runs
+from lifelong_moe.report.compare import compare_runs, format_metrics_table, load_run, load_runs
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 TASKS = ["digits/0-1", "digits/2-3", "digits/4-5"]

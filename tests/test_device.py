@@ -15,14 +15,14 @@ import torch
 import yaml
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from lifelong_moe import device as D
+from lifelong_moe.runtime import device as D
 from lifelong_moe.cli import main
-from lifelong_moe.clip import ClipClassifier
+from lifelong_moe.backbones.factory import load_clip
 from lifelong_moe.errors import ConfigError, UserError
 from lifelong_moe.moe.experts import StackedExperts
 from lifelong_moe.registry import strategy_class
 from lifelong_moe.results import record_runtime
-from lifelong_moe.runner import build, run
+from lifelong_moe.runs.runner import build, run
 from lifelong_moe.strategies.base import StatefulPlugin
 
 from helpers import tiny_config
@@ -61,7 +61,7 @@ def test_unavailable_device_is_one_clear_error_before_anything_is_written(tmp_pa
     def no_backbone(*a, **k):
         raise AssertionError("the backbone was built (or pretrained) before the device was checked")
 
-    monkeypatch.setattr("lifelong_moe.clip.create_clip", no_backbone)
+    monkeypatch.setattr("lifelong_moe.backbones.clip.create_clip", no_backbone)
     config = tmp_path / "c.yaml"
     config.write_text(yaml.safe_dump(tiny_config({"name": "finetune"}).to_dict()))
     out = tmp_path / "out"
@@ -72,7 +72,7 @@ def test_unavailable_device_is_one_clear_error_before_anything_is_written(tmp_pa
 
 
 def test_parallel_variants_check_the_device_before_pretraining(tmp_path, monkeypatch):
-    from lifelong_moe import jobs
+    from lifelong_moe.runs import jobs
 
     monkeypatch.setattr(jobs, "prepare_assets", lambda *a, **k: pytest.fail("pretraining started"))
     cfgs = [tiny_config({"name": "finetune"}, runtime__device=f"cuda:{torch.cuda.device_count()}")]
@@ -182,7 +182,7 @@ def small(one_thread):
 def on_device(cfg, stream, device):
     """``cfg``'s strategy on a fresh copy of its backbone, built on ``device``."""
     b = cfg.backbone
-    model = ClipClassifier.from_config(b.name, b.pretrained, b.cache_text_features, b.pretrain, False)
+    model = load_clip(b.name, b.pretrained, cache_text=b.cache_text_features, pretrain=b.pretrain, progress=False)
     s = strategy_class(cfg.strategy.name)(model=model, cfg=cfg, params=cfg.strategy_params(), tasks=stream.tasks,
                                           device=device, progress=False)
     s.train_datasets = [e.dataset for e in stream.train_stream]

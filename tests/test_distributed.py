@@ -19,11 +19,11 @@ import yaml
 from safetensors.torch import load_file
 from torch.utils.data import DataLoader
 
-from lifelong_moe import distributed
+from lifelong_moe.runtime import distributed
 from lifelong_moe.config import load_config
 from lifelong_moe.errors import UserError
 from lifelong_moe.results import RunDir
-from lifelong_moe.runner import run
+from lifelong_moe.runs.runner import run
 
 ROOT = Path(__file__).resolve().parents[1]
 PROBE = Path(__file__).with_name("dist_probe.py")

@@ -7,7 +7,7 @@ import torch
 
 from lifelong_moe.editing import EditRecord
 from lifelong_moe.editing import metrics as M
-from lifelong_moe.vlm import IGNORE
+from lifelong_moe.backbones.vlm import IGNORE
 
 WORDS = ["<pad>", "</s>", "q1", "q2", "q3", "loc", "dark", "red", "blue", "green", "top", "left"]
 ID = {w: i for i, w in enumerate(WORDS)}

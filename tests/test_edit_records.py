@@ -10,7 +10,7 @@ from PIL import Image
 from edit_records import write_record_file
 from lifelong_moe.editing.records import image_tensor, load_records
 from lifelong_moe.errors import UserError
-from lifelong_moe.vlm import VisionLanguageModel
+from lifelong_moe.backbones.vlm import VisionLanguageModel
 
 
 @pytest.fixture(scope="module")

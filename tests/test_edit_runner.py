@@ -134,7 +134,7 @@ class Stop(Exception):
 
 
 def test_a_stopped_edit_run_resumes_with_the_meta_trained_weights_and_the_same_numbers(tmp_path, monkeypatch):
-    from lifelong_moe.edit_runner import run_edit
+    from lifelong_moe.runs.edit_runner import run_edit
     from lifelong_moe.editing.config import load_edit_config
     from lifelong_moe.strategies.liveedit import Method
 

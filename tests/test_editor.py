@@ -11,7 +11,7 @@ from edit_records import world_records
 from lifelong_moe.editing import EditRecord
 from lifelong_moe.editing.editor import Editor
 from lifelong_moe.errors import ConfigError, UserError
-from lifelong_moe.vlm import VisionLanguageModel
+from lifelong_moe.backbones.vlm import VisionLanguageModel
 
 
 @pytest.fixture(scope="module")

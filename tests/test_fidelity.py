@@ -7,10 +7,10 @@ import torch
 from open_clip.transformer import QuickGELU
 from torch import nn
 
-from lifelong_moe import clip as clip_mod
+from lifelong_moe.backbones import clip as clip_mod
 from lifelong_moe.config import load_config
 from lifelong_moe.errors import UserError
-from lifelong_moe.runner import build
+from lifelong_moe.runs.runner import build
 from lifelong_moe.streams.templates import TEMPLATES
 from lifelong_moe.streams.transforms import ClipTrainTransform, ImageTransform, transformed
 

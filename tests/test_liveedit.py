@@ -14,7 +14,8 @@ from lifelong_moe.editing.liveedit_modules import paired_similarity, slot_simila
 from lifelong_moe.errors import UserError
 from lifelong_moe.streams.edit_synthetic import IMAGE_MEAN, IMAGE_STD, edit_records
 from lifelong_moe.strategies.liveedit import Method, Params
-from lifelong_moe.vlm import VisionLanguageModel
+from lifelong_moe.backbones.factory import load_vlm
+from lifelong_moe.backbones.vlm import VisionLanguageModel
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -25,7 +26,7 @@ def vlm(tmp_path_factory) -> VisionLanguageModel:
     cache = os.environ.get("LIFELONG_MOE_TEST_CACHE") or str(tmp_path_factory.getbasetemp() / "cache")
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("LIFELONG_MOE_CACHE", cache)
-        return VisionLanguageModel.from_config("lmoe-tiny-llava", "synthetic", progress=False)
+        return load_vlm("lmoe-tiny-llava", "synthetic", progress=False)
 
 
 @pytest.fixture(scope="module")
@@ -312,7 +313,7 @@ def test_generation_applies_the_experts_at_every_cached_step(vlm, method, record
         assert pred[i, pos - 1].tolist() == ids[i, :len(pos)].tolist()  # every token, EOS included
     # a cached step scores its token as the full edited forward does; the reference's first-forward-only
     # residual does not
-    from lifelong_moe.vlm import VlmBatch
+    from lifelong_moe.backbones.vlm import VlmBatch
 
     prompt = vlm.batch(x[:1], qs[:1])
     token = ids[:1, :1]

@@ -1,11 +1,11 @@
-"""Hand-computed checks of lifelong_moe.metrics (the arithmetic is written in the comments)."""
+"""Hand-computed checks of lifelong_moe.evaluation.metrics (the arithmetic is written in the comments)."""
 import json
 import math
 
 import numpy as np
 import pytest
 
-from lifelong_moe import metrics as M
+from lifelong_moe.evaluation import metrics as M
 
 nan = float("nan")
 

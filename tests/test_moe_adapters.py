@@ -11,7 +11,7 @@ from avalanche.core import SupervisedPlugin
 from lifelong_moe.config import load_config
 from lifelong_moe.errors import UserError
 from lifelong_moe.moe.ddas import OOD
-from lifelong_moe.runner import build
+from lifelong_moe.runs.runner import build
 from lifelong_moe.strategies.moe_adapters import freeze_choice, reference_parameter_count
 
 from conftest import CONFIGS

@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from lifelong_moe.clip import register_model_configs
+from lifelong_moe.backbones.clip import register_model_configs
 from lifelong_moe.moe import (BottleneckExperts, MoEAdapter, MoEAdapters, NoisyTopKRouter, Routing,
                               inject_moe_adapters)
 
@@ -36,7 +36,7 @@ def clip_pair(base_clip):
 def context_length() -> int:
     import json
 
-    from lifelong_moe.clip import MODEL_CONFIG_DIR
+    from lifelong_moe.backbones.clip import MODEL_CONFIG_DIR
 
     return json.loads((MODEL_CONFIG_DIR / "lmoe-tiny-vit.json").read_text())["text_cfg"]["context_length"]
 

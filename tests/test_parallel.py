@@ -4,7 +4,7 @@ import json
 import torch
 
 from lifelong_moe.cli import main
-from lifelong_moe.runner import run, torch_threads
+from lifelong_moe.runs.runner import run, torch_threads
 
 from conftest import write
 from helpers import tiny_config
@@ -87,7 +87,7 @@ def test_static_scores_follow_the_classes_in_play(tmp_path, monkeypatch):
 
 
 def test_a_dead_worker_is_one_clear_error(tmp_path, capsys, monkeypatch):
-    from lifelong_moe import jobs
+    from lifelong_moe.runs import jobs
 
     monkeypatch.setattr(jobs, "_run_variant", _die)  # submitted by reference: the workers run _die
     cfg = write(tmp_path / "par.yaml", CONFIG)

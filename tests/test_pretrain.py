@@ -5,9 +5,11 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from lifelong_moe import pretrain as P
+from lifelong_moe.backbones import pretrain_clip as P
 from lifelong_moe.cli import main
-from lifelong_moe.clip import ClipClassifier, create_clip, resolve_synthetic
+from lifelong_moe.backbones.clip import create_clip
+from lifelong_moe.backbones.factory import load_clip
+from lifelong_moe.backbones.pretrain_clip import resolve_synthetic
 from lifelong_moe.errors import UserError
 
 TINY = dict(steps=2, batch_size=8, warmup_steps=1, eval_test_per_class=1)
@@ -56,7 +58,7 @@ def test_pretraining_is_deterministic(tmp_path):
 
 def test_backbone_pretrained_synthetic_trains_on_first_use(tmp_path, monkeypatch):
     monkeypatch.setenv("LIFELONG_MOE_CACHE", str(tmp_path))
-    model = ClipClassifier.from_config("lmoe-tiny-vit", "synthetic", pretrain=TINY, progress=False)
+    model = load_clip("lmoe-tiny-vit", "synthetic", pretrain=TINY, progress=False)
     path = P.checkpoint_path(P.PretrainConfig(**TINY), tmp_path)
     assert path.is_file()
     saved = load_file(str(path))
@@ -68,7 +70,7 @@ def test_unknown_pretrain_key_is_one_clear_error():
     with pytest.raises(UserError, match=r"backbone.pretrain: unknown key 'stepz' \(did you mean 'steps'\?\)"):
         resolve_synthetic("lmoe-tiny-vit", {"stepz": 3})
     with pytest.raises(UserError, match="only used with backbone.pretrained: synthetic"):
-        ClipClassifier.from_config("lmoe-tiny-vit", None, pretrain={"steps": 3})
+        load_clip("lmoe-tiny-vit", None, pretrain={"steps": 3})
 
 
 def test_cli_pretrain_prints_checkpoint(tmp_path, capsys):
@@ -82,7 +84,7 @@ def test_cli_pretrain_prints_checkpoint(tmp_path, capsys):
 def test_prefetched_batches_are_those_of_a_plain_loop():
     import numpy as np
 
-    from lifelong_moe.pretrain import prefetched
+    from lifelong_moe.backbones.pretrain_clip import prefetched
 
     a, b = np.random.default_rng(3), np.random.default_rng(3)
     fetched = [x.copy() for x in prefetched(lambda: a.random(4), 7)]
@@ -91,7 +93,7 @@ def test_prefetched_batches_are_those_of_a_plain_loop():
 
 
 def test_prefetched_hands_a_producer_error_to_the_consumer():
-    from lifelong_moe.pretrain import prefetched
+    from lifelong_moe.backbones.pretrain_clip import prefetched
 
     n = iter(range(10))
 

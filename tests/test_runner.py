@@ -7,7 +7,7 @@ import yaml
 from safetensors.torch import load_file
 
 from lifelong_moe.errors import UserError
-from lifelong_moe.runner import run
+from lifelong_moe.runs.runner import run
 from lifelong_moe.strategies.base import ClipStrategy
 
 from helpers import tiny_config

@@ -8,8 +8,8 @@ import yaml
 from lifelong_moe.cli import main
 from lifelong_moe.config import validate
 from lifelong_moe.errors import UserError
-from lifelong_moe.runner import run
-from lifelong_moe.sweeps import expand, parse_grid, parse_seeds, split_values, sweep
+from lifelong_moe.runs.runner import run
+from lifelong_moe.runs.sweeps import expand, parse_grid, parse_seeds, split_values, sweep
 
 TINY = {"name": "tiny", "seed": 0,
         "stream": {"kind": "class_incremental", "dataset": "digits", "classes_per_experience": [4, 3, 3],
@@ -147,7 +147,7 @@ def test_a_ray_worker_that_dies_mid_run_fails_that_run_only_and_the_rerun_resume
     pytest.importorskip("ray")
     import os
 
-    from lifelong_moe import sweeps
+    from lifelong_moe.runs import sweeps
 
     real = sweeps.execute
 
@@ -156,7 +156,7 @@ def test_a_ray_worker_that_dies_mid_run_fails_that_run_only_and_the_rerun_resume
             from pathlib import Path
 
             from lifelong_moe.config import validate
-            from lifelong_moe.runner import run as run_one
+            from lifelong_moe.runs.runner import run as run_one
             run_one(validate(run_["config"]), Path(root) / run_["dir"], stop_after=1, progress=False,
                     log=lambda *_: None)
             os._exit(1)  # the worker process dies after one experience, as when killed or out of memory

@@ -5,7 +5,7 @@ import json
 import pytest
 
 from lifelong_moe.errors import UserError
-from lifelong_moe.runner import run
+from lifelong_moe.runs.runner import run
 
 from helpers import tiny_config
 

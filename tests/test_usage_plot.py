@@ -3,7 +3,7 @@ MoE-Adapters records side by side."""
 import numpy as np
 import pytest
 
-from lifelong_moe.usage_plot import expert_usage_figure, usage_table
+from lifelong_moe.report.usage_plot import expert_usage_figure, usage_table
 
 CL_MOE = {"extra": {"cl_moe": {"usage": {
     "vqa/color": {"0.q_proj": [3, 1, 0, 0], "0.k_proj": [1, 1, 1, 1], "1.q_proj": [0, 0, 0, 4]},

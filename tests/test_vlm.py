@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from lifelong_moe.errors import UserError
-from lifelong_moe.vlm import IGNORE, VisionLanguageModel
+from lifelong_moe.backbones.factory import load_vlm
+from lifelong_moe.backbones.vlm import IGNORE, VisionLanguageModel
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -31,8 +32,8 @@ def test_tokenizer_covers_the_world_and_round_trips(tmp_path):
     from transformers import AutoTokenizer
 
     from lifelong_moe.streams.vqa_synthetic import QUESTION_TYPES, make_questions, sample_for
-    from lifelong_moe.vlm_tiny import tiny_spec, tiny_words
-    from lifelong_moe.vlm_tokenizer import build_tokenizer
+    from lifelong_moe.backbones.vlm_tiny import tiny_spec, tiny_words
+    from lifelong_moe.backbones.vlm_tokenizer import build_tokenizer
 
     tok = build_tokenizer(tiny_words(tiny_spec("lmoe-tiny-llava")))
     assert tok.convert_ids_to_tokens([0, 1, 2, 3, 4]) == ["<pad>", "<s>", "</s>", "<unk>", "<image>"]
@@ -69,12 +70,12 @@ def _open_clip_block_outputs(visual, x):
 def test_converted_vision_tower_equals_open_clip():
     from transformers import CLIPVisionModel
 
-    from lifelong_moe.clip import create_clip
-    from lifelong_moe.pretrain import model_config
-    from lifelong_moe.vlm_tiny import clip_vision_config_of, load_open_clip_visual, open_clip_activation, tiny_spec
+    from lifelong_moe.backbones.clip import create_clip
+    from lifelong_moe.backbones.pretrain_clip import model_config
+    from lifelong_moe.backbones.vlm_tiny import clip_vision_config_of, load_open_clip_visual, open_clip_activation, tiny_spec
 
     torch.manual_seed(0)
-    clip, *_ = create_clip("lmoe-tiny-vit", None, progress=False)
+    clip, *_ = create_clip("lmoe-tiny-vit", None)
     visual = clip.visual.eval()
     with torch.no_grad():  # perturb LayerNorms and biases so that a dropped weight would show
         for n, p in visual.named_parameters():
@@ -244,7 +245,7 @@ def _save_random_llava(path):
 
 
 def test_a_saved_llava_directory_loads_and_runs(tmp_path):
-    from lifelong_moe.vlm import LLAVA_15_TEMPLATE
+    from lifelong_moe.backbones.vlm import LLAVA_15_TEMPLATE
 
     tok = _save_random_llava(tmp_path / "llava")
     vlm = VisionLanguageModel.from_config(str(tmp_path / "llava"))
@@ -276,7 +277,7 @@ def test_a_saved_llava_directory_loads_and_runs(tmp_path):
 
 # ----------------------------------------------------------------------------- pretraining
 def test_pretraining_batches_mix_captions_and_seen_question_types_only():
-    from lifelong_moe.pretrain_vlm import VlmPretrainConfig, cache_key, make_batch_source
+    from lifelong_moe.backbones.pretrain_vlm import VlmPretrainConfig, cache_key, make_batch_source
     from lifelong_moe.streams.vqa_synthetic import answer_space
 
     cfg = VlmPretrainConfig(batch_size=20, caption_share=0.25, question_types=("color", "count"))
@@ -298,7 +299,7 @@ def test_pretraining_batches_mix_captions_and_seen_question_types_only():
 
 
 def test_pretrain_options_are_validated():
-    from lifelong_moe.pretrain_vlm import resolve_synthetic_vlm
+    from lifelong_moe.backbones.pretrain_vlm import resolve_synthetic_vlm
 
     with pytest.raises(UserError, match="unknown key 'step'.*did you mean 'steps'"):
         resolve_synthetic_vlm("lmoe-tiny-llava", {"step": 3})
@@ -314,7 +315,7 @@ def test_pretrain_vlm_learns_caches_and_loads_like_a_user_directory(capsys):
     from safetensors.torch import load_file
 
     from lifelong_moe.cli import main
-    from lifelong_moe.pretrain_vlm import info_path
+    from lifelong_moe.backbones.pretrain_vlm import info_path
     from lifelong_moe.streams.vqa_synthetic import QUESTION_TYPES
 
     small = {"steps": 30, "batch_size": 16, "warmup_steps": 5, "eval_test": 10}
@@ -330,17 +331,18 @@ def test_pretrain_vlm_learns_caches_and_loads_like_a_user_directory(capsys):
     assert main(["pretrain", "vlm", *args, "-q"]) == 0
     assert capsys.readouterr().out.strip() == path
     # the config's name resolves to it, loaded through from_pretrained(<dir>) as a user's directory
-    vlm = VisionLanguageModel.from_config("lmoe-tiny-llava", "synthetic", pretrain=small, progress=False)
+    vlm = load_vlm("lmoe-tiny-llava", "synthetic", pretrain=small, progress=False)
     by_dir = VisionLanguageModel.from_config(path)
     for a, b in zip(vlm.state_dict().values(), by_dir.state_dict().values()):
         assert torch.equal(a, b)
     assert all(not p.requires_grad for p in vlm.parameters())
     assert vlm.prompt_template == "<image> question: {question} answer:"
     # the vision tower is the tiny CLIP's, unchanged by pretraining (LLaVA: a frozen CLIP under the LLM)
-    from lifelong_moe.clip import create_clip, resolve_synthetic
-    from lifelong_moe.vlm_tiny import convert_open_clip_visual
+    from lifelong_moe.backbones.clip import create_clip
+    from lifelong_moe.backbones.pretrain_clip import resolve_synthetic
+    from lifelong_moe.backbones.vlm_tiny import convert_open_clip_visual
 
-    clip, *_ = create_clip("lmoe-tiny-vit", resolve_synthetic("lmoe-tiny-vit", progress=False), progress=False)
+    clip, *_ = create_clip("lmoe-tiny-vit", resolve_synthetic("lmoe-tiny-vit", progress=False))
     tower = vlm.model.model.vision_tower.state_dict()
     assert all(torch.equal(tower[k], v) for k, v in convert_open_clip_visual(clip.visual).items())
     # deterministic by seed: retraining (--force) writes the same weights

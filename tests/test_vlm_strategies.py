@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from lifelong_moe.config import RunConfig, validate
-from lifelong_moe.runner import build, run
+from lifelong_moe.runs.runner import build, run
 
 
 def vqa_config(strategy: dict, **training) -> "RunConfig":

@@ -13,6 +13,7 @@ from PIL import Image
 
 from lifelong_moe.data import QAData, QARecord
 from lifelong_moe.errors import UserError
+from lifelong_moe.streams import vqa_sources as S
 from lifelong_moe.streams import vqa_synthetic as V
 from lifelong_moe.streams.synthetic import attribute_bank, caption_batch
 from lifelong_moe.streams.synthetic_render import A, COLORS, COUNTS, POSITIONS, SHAPES, STYLES, TEXTURES
@@ -178,13 +179,13 @@ def test_load_question_type_is_deterministic_with_disjoint_splits(qtype):
 
 
 def test_load_vqa_source_by_name():
-    d = V.load_vqa_source("synthetic_vqa/count", seed=0, n_train=8, n_test=4, root="/ignored")
+    d = S.load_vqa_source("synthetic_vqa/count", seed=0, n_train=8, n_test=4, root="/ignored")
     assert d.name == "synthetic_vqa/count" and d.meta["chance"] == 0.25 and d.meta["pretrained"]
-    assert "synthetic_vqa/causal" in V.KNOWN_VQA_SOURCES and "vqacl/causal" in V.KNOWN_VQA_SOURCES
+    assert "synthetic_vqa/causal" in S.KNOWN_VQA_SOURCES and "vqacl/causal" in S.KNOWN_VQA_SOURCES
     with pytest.raises(UserError, match="'cuont' .did you mean 'count'"):
-        V.load_vqa_source("synthetic_vqa/cuont")
+        S.load_vqa_source("synthetic_vqa/cuont")
     with pytest.raises(UserError, match="unknown VQA task"):
-        V.load_vqa_source("imagenet/count")
+        S.load_vqa_source("imagenet/count")
 
 
 def test_qadata_checks_lengths():
@@ -254,7 +255,7 @@ def test_vqacl_loads_records_and_lazy_images(tmp_path):
     img, i = d.test[0]
     assert i == 0 and img.size == (5, 7)
     assert d.meta["targets_without_label"] == {"train": 1, "test": 0}
-    via_registry = V.load_vqa_source("vqacl/color", root=root, seed=0, download=False)
+    via_registry = S.load_vqa_source("vqacl/color", root=root, seed=0, download=False)
     assert via_registry.train_records == d.train_records
 
 
@@ -337,7 +338,7 @@ def test_vqacl_bad_partition_file(tmp_path, content, message):
 def test_vqacl_bad_arguments(tmp_path):
     root = _vqacl_root(tmp_path)
     with pytest.raises(UserError, match="needs `root`"):
-        V.load_vqa_source("vqacl/color")
+        S.load_vqa_source("vqacl/color")
     with pytest.raises(UserError, match="is not a directory"):
         load_vqacl("color", tmp_path / "nowhere")
     with pytest.raises(UserError, match="unknown question type 'colour'"):

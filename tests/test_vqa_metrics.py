@@ -1,7 +1,7 @@
 """VQA v2 normalisation, exact match and soft accuracy on hand-made cases (lifelong_moe/vqa_metrics.py)."""
 import pytest
 
-from lifelong_moe.vqa_metrics import CONTRACTIONS, exact_match, normalize_answer, vqa_accuracy, vqa_scores
+from lifelong_moe.evaluation.vqa_metrics import CONTRACTIONS, exact_match, normalize_answer, vqa_accuracy, vqa_scores
 
 
 @pytest.mark.parametrize("raw, norm", [

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from lifelong_moe.config import validate
-from lifelong_moe.runner import run
+from lifelong_moe.runs.runner import run
 
 from test_vlm import _save_random_llava
 from test_vqa_data import _human, _write_image

@@ -22,7 +22,7 @@ from typing import Literal, Mapping, Optional, Sequence
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
-from ..vlm import IGNORE
+from ..backbones.vlm import IGNORE
 from .bank import EditBank
 from .types import EditRecord
 

@@ -14,6 +14,7 @@ from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError,
 from ..config import (OutputConfig, RuntimeConfig, Strict, VlmBackboneConfig, expand_variants,
                       format_validation_error, read_yaml_tree)
 from ..errors import ConfigError
+from .registry import validate_method
 
 
 class EditMethodConfig(BaseModel):
@@ -93,18 +94,6 @@ class EditConfig(Strict):
         d = self.model_dump(mode="json", exclude={"variants"})
         d["method"] = {"name": self.method.name, **self.method_params().model_dump(mode="json", exclude={"name"})}
         return d
-
-
-def validate_method(name: str, params: dict) -> BaseModel:
-    """The method's ``Params`` validated from ``params``; ConfigError naming ``method.<key>``."""
-    from .registry import method_module
-
-    cls = method_module(name).Params
-    try:
-        return cls.model_validate({k: v for k, v in params.items() if k != "name"} |
-                                  ({"name": name} if "name" in cls.model_fields else {}))
-    except ValidationError as e:
-        raise ConfigError(format_validation_error(e, prefix="method")) from None
 
 
 def validate_edit_config(data: dict) -> EditConfig:

@@ -30,7 +30,8 @@ def build_vlm(backbone: Any, device: str | torch.device | None = None, seed: int
     """A VisionLanguageModel from an instance, a backbone config mapping, or a name (a shipped tiny
     VLM defaults to its synthetic pretraining); returns ``(vlm, config dict or None)``. A randomly
     initialised model is drawn from ``seed`` (so a saved store can rebuild it)."""
-    from ..vlm import VisionLanguageModel
+    from ..backbones.factory import load_vlm
+    from ..backbones.vlm import VisionLanguageModel
 
     if isinstance(backbone, VisionLanguageModel):
         return backbone, None
@@ -38,7 +39,7 @@ def build_vlm(backbone: Any, device: str | torch.device | None = None, seed: int
     from .config import EditBackboneConfig
 
     if isinstance(backbone, str):
-        from ..vlm_tiny import shipped_vlm_names
+        from ..backbones.vlm_tiny import shipped_vlm_names
 
         backbone = {"name": backbone, "pretrained": "synthetic" if backbone in shipped_vlm_names() else None}
     if not isinstance(backbone, Mapping):
@@ -52,8 +53,8 @@ def build_vlm(backbone: Any, device: str | torch.device | None = None, seed: int
         raise UserError(format_validation_error(e, prefix="backbone")) from None
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        vlm = VisionLanguageModel.from_config(cfg.name, cfg.pretrained, pretrain=cfg.pretrain, download=cfg.download,
-                                              prompt_template=cfg.prompt_template, progress=False)
+        vlm = load_vlm(cfg.name, cfg.pretrained, pretrain=cfg.pretrain, download=cfg.download,
+                       prompt_template=cfg.prompt_template, progress=False)
     if device is not None:
         vlm.to(device)
     return vlm, cfg.model_dump(mode="json")
@@ -62,7 +63,7 @@ def build_vlm(backbone: Any, device: str | torch.device | None = None, seed: int
 class Editor:
     """Edits a frozen VLM with one :class:`~.types.EditMethod` and keeps the edits in an :class:`EditStore`.
 
-    ``backbone``: a :class:`~lifelong_moe.vlm.VisionLanguageModel`, a backbone config mapping
+    ``backbone``: a :class:`~lifelong_moe.backbones.vlm.VisionLanguageModel`, a backbone config mapping
     (``name``, ``pretrained``, ...) or a name. ``method``: a registered name (``liveedit``, ``ft``,
     ``lora``, ``retrieval``) with its parameters as keywords, or a method instance."""
 
@@ -104,8 +105,8 @@ class Editor:
 
     @classmethod
     def from_edit_config(cls, cfg) -> "Editor":
-        from ..device import resolve_device
-        from ..runner import seed_everything
+        from ..runtime.device import resolve_device
+        from ..runs.runner import seed_everything
 
         device = resolve_device(cfg.runtime.device)
         seed_everything(cfg.seed)
@@ -255,7 +256,7 @@ class Editor:
     @classmethod
     def load(cls, directory: str | Path, backbone: Any = None, *, device: str | torch.device | None = None) -> "Editor":
         """An Editor from a saved store; ``backbone`` defaults to the one recorded in the store."""
-        from .config import validate_method
+        from .registry import validate_method
 
         d = Path(directory)
         index = read_index(d)  # a directory that is not a store fails here, before any model is built

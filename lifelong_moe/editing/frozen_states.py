@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from ..vlm import IGNORE
+from ..backbones.vlm import IGNORE
 
 ROW_KEYS = ("hidden", "image", "prompt", "answer", "labels")
 

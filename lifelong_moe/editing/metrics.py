@@ -21,7 +21,7 @@ from typing import Sequence
 
 import torch
 
-from ..vlm import IGNORE
+from ..backbones.vlm import IGNORE
 from .types import EditRecord
 
 METRICS = ("reliability", "text_generality", "image_generality", "text_locality", "image_locality")

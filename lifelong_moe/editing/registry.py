@@ -5,6 +5,9 @@ from __future__ import annotations
 import difflib
 import importlib
 
+from pydantic import BaseModel, ValidationError
+
+from ..config import format_validation_error
 from ..errors import ConfigError
 
 EDIT_METHODS = {
@@ -36,9 +39,17 @@ def method_module(name: str):
 
 def build_method(name: str, params=None):
     """``Method(params)`` of ``name``; ``params``: a Params instance, a dict of its fields or None."""
-    from .config import validate_method
-
     mod = method_module(name)
     if params is None or isinstance(params, dict):
         params = validate_method(name, dict(params or {}))
     return mod.Method(params)
+
+
+def validate_method(name: str, params: dict) -> BaseModel:
+    """The method's ``Params`` validated from ``params``; ConfigError naming ``method.<key>``."""
+    cls = method_module(name).Params
+    try:
+        return cls.model_validate({k: v for k, v in params.items() if k != "name"} |
+                                  ({"name": name} if "name" in cls.model_fields else {}))
+    except ValidationError as e:
+        raise ConfigError(format_validation_error(e, prefix="method")) from None

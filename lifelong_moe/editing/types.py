@@ -39,7 +39,7 @@ class EditRecord:
 
 @runtime_checkable
 class EditMethod(Protocol):
-    """A knowledge-editing method over a frozen :class:`~lifelong_moe.vlm.VisionLanguageModel`.
+    """A knowledge-editing method over a frozen :class:`~lifelong_moe.backbones.vlm.VisionLanguageModel`.
 
     The Editor calls, in order: ``attach(vlm)`` once; ``fit(train)`` once if the method learns before
     editing (LiveEdit's meta-training; baselines return ``{}``); then per edit ``make_edit(record)``,

@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..device import autocast_active
+from ..runtime.device import autocast_active
 
 
 class StackedExperts(nn.Module):

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .errors import UserError
+from ..errors import UserError
 
 MODEL_CONFIG_DIR = Path(__file__).parent / "model_configs"
 _REGISTERED = False
@@ -40,19 +40,6 @@ def shipped_model_names() -> list[str]:
 
 def _looks_like_path(s: str) -> bool:
     return "/" in s or "\\" in s or s.endswith((".pt", ".pth", ".bin", ".safetensors"))
-
-
-SYNTHETIC_TAG = "synthetic"  # pretrained=synthetic: pretrain on the offline synthetic world (cached)
-
-
-def resolve_synthetic(name: str, pretrain: dict | None = None, progress: bool = True, force: bool = False,
-                      cache_dir: str | None = None) -> str:
-    """Path of the tiny CLIP ``name`` pretrained on the synthetic world; trains it on first use
-    (see :mod:`lifelong_moe.pretrain`). ``pretrain`` overrides fields of ``PretrainConfig``."""
-    from .pretrain import PretrainConfig, config_from_overrides, pretrain_clip
-
-    cfg = config_from_overrides(PretrainConfig, name, pretrain)
-    return str(pretrain_clip(cfg, progress=progress, force=force, cache_dir=cache_dir))
 
 
 def resolve_quick_gelu(name: str, pretrained: str | None, quick_gelu: bool | None = None) -> bool:
@@ -78,10 +65,11 @@ def resolve_quick_gelu(name: str, pretrained: str | None, quick_gelu: bool | Non
     return built_in or bool((tag_cfg or {}).get("quick_gelu", False))
 
 
-def create_clip(name: str, pretrained: str | None, pretrain: dict | None = None, progress: bool = True,
-                quick_gelu: bool | None = None):
+def create_clip(name: str, pretrained: str | None, quick_gelu: bool | None = None):
     """Return ``(model, tokenizer, image_size, mean, std)``; every failure is a UserError.
-    ``quick_gelu``: see :func:`resolve_quick_gelu` (decided before a synthetic checkpoint is resolved)."""
+    ``pretrained``: an open_clip tag, a checkpoint path or None (random init); the embedded
+    ``synthetic`` weights are resolved to a path first (:func:`lifelong_moe.backbones.factory.load_clip`).
+    ``quick_gelu``: see :func:`resolve_quick_gelu`."""
     import open_clip
 
     register_model_configs()
@@ -92,10 +80,6 @@ def create_clip(name: str, pretrained: str | None, pretrain: dict | None = None,
                         + (f" (did you mean {', '.join(map(repr, close))}?)" if close else "")
                         + f"; shipped tiny models: {', '.join(shipped_model_names())}")
     force_quick_gelu = resolve_quick_gelu(name, pretrained, quick_gelu)
-    if pretrained == SYNTHETIC_TAG:
-        pretrained = resolve_synthetic(name, pretrain, progress)
-    elif pretrain:
-        raise UserError("backbone.pretrain is only used with backbone.pretrained: synthetic")
     if pretrained is not None and _looks_like_path(pretrained):
         if not Path(pretrained).expanduser().is_file():
             raise UserError(f"backbone.pretrained: checkpoint file not found: {pretrained}")
@@ -201,9 +185,9 @@ class ClipClassifier(nn.Module):
             p.requires_grad_(False)
 
     @classmethod
-    def from_config(cls, name: str, pretrained: str | None, cache_text: bool = True, pretrain: dict | None = None,
-                    progress: bool = True, quick_gelu: bool | None = None) -> "ClipClassifier":
-        return cls(*create_clip(name, pretrained, pretrain, progress, quick_gelu), cache_text=cache_text)
+    def from_config(cls, name: str, pretrained: str | None, cache_text: bool = True,
+                    quick_gelu: bool | None = None) -> "ClipClassifier":
+        return cls(*create_clip(name, pretrained, quick_gelu), cache_text=cache_text)
 
     # ------------------------------------------------------------------ towers
     def check_images(self, x: torch.Tensor) -> None:

@@ -16,8 +16,8 @@ import torch
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from . import distributed
-from .config import EvaluationConfig
+from ..runtime import distributed
+from ..config import EvaluationConfig
 from .vqa_metrics import vqa_scores
 
 ANSWER_METRICS = ("exact_match", "vqa_accuracy", "token_accuracy")

@@ -29,10 +29,10 @@ import json
 import torch
 from torch import nn
 
-from .bench import _median_times
-from .errors import UserError
-from .moe import inject_moe_adapters
-from .moe.ddas import DDAS
+from .timing import median_times
+from ..errors import UserError
+from ..moe import inject_moe_adapters
+from ..moe.ddas import DDAS
 
 
 def alexnet_conv5(seed: int = 0) -> nn.Module:
@@ -50,7 +50,7 @@ def scale_cost(tasks=(1, 5, 20, 50), model: str = "ViT-B-16", batch: int = 4, re
     """Median seconds per inference batch at each task count, and the ratios to plain CLIP."""
     import open_clip
 
-    from .clip import register_model_configs
+    from ..backbones.clip import register_model_configs
 
     register_model_configs()  # the shipped tiny models too (tests)
     torch.set_num_threads(threads)
@@ -120,9 +120,9 @@ def scale_cost(tasks=(1, 5, 20, 50), model: str = "ViT-B-16", batch: int = 4, re
                 ddas.set_task_ae(handle.num_tasks - 1, ddas.new_autoencoder())
             active = list(range(t))
             spread = min(batch, t)
-            times = _median_times({"plain": plain, "moe": one_router, "ddas_loop": with_ddas(False),
+            times = median_times({"plain": plain, "moe": one_router, "ddas_loop": with_ddas(False),
                                    "ddas_stacked": with_ddas(True)}, repeats, warmup)
-            parts = _median_times({"decide_loop": decide(False), "decide_stacked": decide(True),
+            parts = median_times({"decide_loop": decide(False), "decide_stacked": decide(True),
                                    "router_stack_rebuilt": router_stack(False),
                                    "router_stack_cached": router_stack(True)}, repeats, warmup)
             row = {"tasks": t, "tasks_in_batch": spread, "inference_s": times, "parts_s": parts,

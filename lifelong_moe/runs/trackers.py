@@ -13,8 +13,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .errors import UserError
-from .io import read_jsonl
+from ..errors import UserError
+from ..io import read_jsonl
 
 INSTALL = "pip install 'lifelong-moe[tracking]'"
 

@@ -1,6 +1,6 @@
 """Sweeps: configs x variants x grid points x seeds, one results directory per run, run as Ray tasks.
 
-Each run is an ordinary :func:`lifelong_moe.runner.run` into ``DIR/<name>[-key=value...]-seed<N>``.
+Each run is an ordinary :func:`lifelong_moe.runs.runner.run` into ``DIR/<name>[-key=value...]-seed<N>``.
 Where a run's directory already holds a run, the sweep continues it: a complete run whose saved
 configuration is this one is skipped, a stopped or killed one resumed from its last completed
 experience, and a directory without ``results.json`` (killed before its first write) is started over.
@@ -19,7 +19,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from .errors import UserError
+from ..errors import UserError
 
 INSTALL_RAY = ("sweeps run on Ray, which is not installed: pip install 'lifelong-moe[ray]' "
                "(or run the sweep one run at a time in this process with --local)")
@@ -137,7 +137,7 @@ def _safe(text: str) -> str:
 def expand(configs, *, seeds=None, grid=(), overrides=(), only=None, cpus_per_run=None,
            gpus_per_run=None) -> list[SweepRun]:
     """Every run of the sweep, validated (a bad config, key or value is a UserError before anything runs)."""
-    from .config import load_config, validate
+    from ..config import load_config, validate
 
     seeds = parse_seeds(seeds)
     pairs = parse_grid(grid)
@@ -181,8 +181,8 @@ def execute(run: dict, root: str, cwd: str | None = None) -> dict:
     when this node has it."""
     if cwd and os.path.isdir(cwd):
         os.chdir(cwd)
-    from .config import validate
-    from .results import RunDir, load_record
+    from ..config import validate
+    from ..results import RunDir, load_record
     from .runner import run as run_one
 
     status = RunStatus(run["dir"], run["name"], run["seed"], "failed")
@@ -229,7 +229,7 @@ def _run_local(runs, root, bar) -> list[dict]:
 
 
 def _complete(run_dir: Path) -> bool:
-    from .io import read_json
+    from ..io import read_json
 
     try:
         return read_json(run_dir / "results.json").get("status") == "complete"
@@ -294,7 +294,7 @@ def _compare(root: Path, statuses: list[RunStatus], log) -> list[Path]:
     """The seed-aggregated comparison of the completed runs, one per stream (task list)."""
     import json
 
-    from .compare import compare_runs, load_run
+    from ..report.compare import compare_runs, load_run
 
     done = [root / s.dir for s in statuses if s.status in ("complete", "skipped")]
     by_stream: dict[str, list[Path]] = {}
@@ -318,9 +318,9 @@ def sweep(configs, *, seeds=None, grid=(), overrides=(), output="sweeps", only=N
     ended) and the seed-aggregated comparison under ``output/compare``."""
     from tqdm.auto import tqdm
 
-    from .io import write_json
+    from ..io import write_json
     from .jobs import prepare_assets
-    from .results import _writable_dir
+    from ..results import _writable_dir
 
     configs = [configs] if isinstance(configs, (str, Path)) else list(configs)
     if not configs:
@@ -332,7 +332,7 @@ def sweep(configs, *, seeds=None, grid=(), overrides=(), output="sweeps", only=N
     root = Path(output).absolute()  # Ray workers need not share this process's working directory
     _writable_dir(root)
     if local or not (address or os.environ.get("RAY_ADDRESS")):  # on a cluster each node finds (or makes) its own
-        from .config import validate
+        from ..config import validate
 
         prepare_assets([validate(r.config) for r in {r.name: r for r in runs}.values()], progress=progress)
     root.mkdir(parents=True, exist_ok=True)

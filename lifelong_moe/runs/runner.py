@@ -14,14 +14,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from . import distributed
-from . import results as R
-from .config import RunConfig
-from .device import check_precision, describe_device, resolve_device
-from .errors import UserError
-from .evaluator import make_evaluator
-from .registry import strategy_class
-from .threads import torch_threads
+from ..runtime import distributed
+from .. import results as R
+from ..config import RunConfig
+from ..runtime.device import check_precision, describe_device, resolve_device
+from ..errors import UserError
+from ..evaluation.evaluator import make_evaluator
+from ..registry import strategy_class
+from ..runtime.threads import torch_threads
 from .trackers import Trackers
 
 
@@ -50,8 +50,8 @@ def resolve_runtime(cfg: RunConfig) -> torch.device:
 
 def build(cfg: RunConfig, progress: bool = True):
     """Backbone, stream, strategy, evaluator; raises UserError on bad input, writes nothing."""
-    from .backbones import build_backbone, image_transform
-    from .streams.builder import build_stream
+    from ..backbones.factory import build_backbone, image_transform
+    from ..streams.builder import build_stream
 
     device = distributed.setup(resolve_runtime(cfg))  # an unavailable device fails first; torchrun: this rank's
     seed_everything(cfg.seed)

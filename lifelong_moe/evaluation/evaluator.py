@@ -10,9 +10,9 @@ import torch
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from . import distributed
-from .config import EvaluationConfig
-from .streams.builder import Stream, eval_classes
+from ..runtime import distributed
+from ..config import EvaluationConfig
+from ..streams.builder import Stream, eval_classes
 
 
 def make_evaluator(stream: Stream, cfg: EvaluationConfig, progress: bool = True):

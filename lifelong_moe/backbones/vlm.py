@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .errors import UserError
+from ..errors import UserError
 
 # llava-1.5's short-answer VQA prompt (Liu et al., "Improved Baselines with Visual Instruction Tuning",
 # CVPR 2024, Table 7; the llava-hf model cards' "USER: <image>\n... ASSISTANT:" chat format)
@@ -159,32 +159,25 @@ class VisionLanguageModel(nn.Module):
 
     # ------------------------------------------------------------------ construction
     @classmethod
-    def from_config(cls, name: str, pretrained: str | None = None, *, pretrain: dict | None = None,
-                    download: bool = False, prompt_template: str | None = None, progress: bool = True,
-                    dtype: torch.dtype | None = None) -> "VisionLanguageModel":
+    def from_config(cls, name: str, pretrained: str | None = None, *, download: bool = False,
+                    prompt_template: str | None = None, dtype: torch.dtype | None = None) -> "VisionLanguageModel":
         """``name``: a shipped tiny VLM (``lmoe-tiny-llava``), a hub id or a local directory.
-        ``pretrained``: for a shipped name, ``"synthetic"`` (pretrain here, cached) or a local
-        directory of its weights; None gives the tiny model randomly initialised. Hub ids and
+        ``pretrained``: for a shipped name, a local directory of its weights (the embedded
+        ``synthetic`` weights are resolved to one by :func:`lifelong_moe.backbones.factory.load_vlm`);
+        None gives the tiny model randomly initialised. Hub ids and
         directories carry their weights: ``pretrained`` stays None. Never downloads unless
         ``download``; every failure is one UserError naming the culprit."""
         from .vlm_tiny import shipped_vlm_names
 
-        if pretrain and pretrained != "synthetic":
-            raise UserError("backbone.pretrain is only used with backbone.pretrained: synthetic")
         if name in shipped_vlm_names():
             if pretrained is None:
                 from .vlm_tiny import build_tiny_llava
 
                 model, processor = build_tiny_llava(name)
                 return cls(model.to(dtype) if dtype else model, processor, prompt_template, name)
-            if pretrained == "synthetic":
-                from .pretrain_vlm import resolve_synthetic_vlm
-
-                source = resolve_synthetic_vlm(name, pretrain, progress)
-            else:
-                source = pretrained
-                if not Path(source).expanduser().is_dir():
-                    raise UserError(f"backbone.pretrained: directory of {name} weights not found: {source}")
+            source = pretrained
+            if not Path(source).expanduser().is_dir():
+                raise UserError(f"backbone.pretrained: directory of {name} weights not found: {source}")
             model, processor = load_llava(source, local_files_only=True, dtype=dtype)
             return cls(model, processor, prompt_template, name)
         if pretrained is not None:

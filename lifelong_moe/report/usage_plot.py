@@ -11,7 +11,7 @@ Reads the per-task usage counts a run stored in ``results.json`` ``extra``:
   while training the task), grouped by block (``image 3``) or by tower (``"module"``: ``image``).
 
 Within a group, each layer's counts are normalised per task and averaged over the group's layers.
-Object-oriented matplotlib (no pyplot), written atomically, like :mod:`lifelong_moe.compare`.
+Object-oriented matplotlib (no pyplot), written atomically, like :mod:`lifelong_moe.report.compare`.
 """
 from __future__ import annotations
 
@@ -24,7 +24,7 @@ from matplotlib import colormaps
 from matplotlib.figure import Figure
 from matplotlib.ticker import PercentFormatter
 
-from .io import atomic_path
+from ..io import atomic_path
 
 GROUPINGS = ("block", "module")
 

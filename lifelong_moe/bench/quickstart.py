@@ -18,9 +18,9 @@ import tempfile
 import time
 from pathlib import Path
 
-from .errors import UserError
+from ..errors import UserError
 
-DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "quickstart.yaml"
+DEFAULT_CONFIG = Path(__file__).resolve().parents[2] / "configs" / "quickstart.yaml"
 
 
 def time_quickstart(config: Path, work: Path, only: str | None = None) -> dict[str, float]:

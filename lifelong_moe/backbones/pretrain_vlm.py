@@ -25,7 +25,6 @@ import hashlib
 import json
 import os
 import shutil
-import sys
 import tempfile
 import time
 from dataclasses import asdict, dataclass, field
@@ -35,14 +34,14 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from .io import write_text
-from .threads import torch_threads
+from ..io import write_text
+from ..runtime.threads import torch_threads
 
 RECIPE_VERSION = 1  # bump when the training code changes the weights a config produces (cache key)
 
 
 def _default_types() -> tuple[str, ...]:
-    from .streams.vqa_synthetic import PRETRAIN_TYPES
+    from ..streams.vqa_synthetic import PRETRAIN_TYPES
 
     return tuple(PRETRAIN_TYPES)
 
@@ -69,7 +68,7 @@ class VlmPretrainConfig:
     eval_seed: int = 0
 
     def __post_init__(self):
-        from .streams.vqa_synthetic import QUESTION_TYPES
+        from ..streams.vqa_synthetic import QUESTION_TYPES
 
         object.__setattr__(self, "question_types", tuple(self.question_types))
         bad = [t for t in self.question_types if t not in QUESTION_TYPES]
@@ -89,8 +88,8 @@ class VlmPretrainConfig:
 
 # ----------------------------------------------------------------------------- cache
 def cache_key(cfg: VlmPretrainConfig, clip_checkpoint: str) -> str:
-    from .streams.synthetic import GENERATOR_VERSION
-    from .streams.vqa_synthetic import VQA_GENERATOR_VERSION
+    from ..streams.synthetic import GENERATOR_VERSION
+    from ..streams.vqa_synthetic import VQA_GENERATOR_VERSION
     from .vlm_tiny import tiny_spec, tiny_words
 
     spec = tiny_spec(cfg.model)
@@ -102,7 +101,7 @@ def cache_key(cfg: VlmPretrainConfig, clip_checkpoint: str) -> str:
 
 
 def checkpoint_dir(cfg: VlmPretrainConfig, clip_checkpoint: str, cache_dir=None) -> Path:
-    from .pretrain import cache_root
+    from .pretrain_clip import cache_root
 
     return cache_root(cache_dir) / "vlm" / f"{cfg.model}-{cache_key(cfg, clip_checkpoint)}"
 
@@ -126,8 +125,8 @@ def _complete(path: Path) -> bool:
 def _qa_examples(qtype: str, n: int, rng: np.random.Generator):
     """``n`` (image uint8, question, answer) of ``qtype`` on pretraining glyphs (the tasks' train and
     test images use the other glyph splits)."""
-    from .streams import vqa_synthetic as vqa
-    from .streams.synthetic_render import render
+    from ..streams import vqa_synthetic as vqa
+    from ..streams.synthetic_render import render
 
     mix = vqa._spec(qtype).mix
     scenes = vqa.sample_for(qtype, n, rng)
@@ -139,7 +138,7 @@ def _qa_examples(qtype: str, n: int, rng: np.random.Generator):
 def make_batch_source(cfg: VlmPretrainConfig, caption_question: str, rng: np.random.Generator):
     """A function drawing one pretraining batch ``(images uint8 [B, 3, 32, 32], questions, answers)``:
     ``caption_share`` of it captions, the rest questions spread evenly over ``question_types``."""
-    from .streams.synthetic import caption_batch
+    from ..streams.synthetic import caption_batch
 
     n_cap = int(round(cfg.batch_size * cfg.caption_share))
     types = list(cfg.question_types)
@@ -175,7 +174,7 @@ def _normalize(vlm, images) -> torch.Tensor:
 # ----------------------------------------------------------------------------- training
 def train_vlm(vlm, cfg: VlmPretrainConfig, caption_question: str, progress: bool = True) -> dict:
     """Projector and LLM learn the answers (vision tower frozen); in place; returns statistics."""
-    from .pretrain import _warmup_cosine, prefetched
+    from .pretrain_clip import _warmup_cosine, prefetched
 
     rng = np.random.default_rng([cfg.seed, 0x11A7A])
     trainable = [p for n, p in vlm.model.named_parameters() if ".vision_tower." not in f".{n}"]
@@ -213,7 +212,7 @@ def train_vlm(vlm, cfg: VlmPretrainConfig, caption_question: str, progress: bool
 def zero_shot_accuracy(vlm, types: Sequence[str] | None = None, seed: int = 0, n_test: int = 100,
                        batch_size: int = 200) -> dict[str, float]:
     """Exact-match accuracy (greedy answer == target) on each question type's test split."""
-    from .streams.vqa_synthetic import QUESTION_TYPES, load_question_type
+    from ..streams.vqa_synthetic import QUESTION_TYPES, load_question_type
 
     out = {}
     for t in types or QUESTION_TYPES:
@@ -229,7 +228,7 @@ def zero_shot_accuracy(vlm, types: Sequence[str] | None = None, seed: int = 0, n
 
 
 def format_table(acc: dict[str, float], pretrained_types: Sequence[str]) -> str:
-    from .streams.vqa_synthetic import chance_level
+    from ..streams.vqa_synthetic import chance_level
 
     lines = [f"{'question type':<13} {'pretrained':>10} {'zero-shot':>9} {'chance':>7}"]
     lines += [f"{t:<13} {'yes' if t in pretrained_types else 'no':>10} {100 * a:8.1f}% {100 * chance_level(t):6.1f}%"
@@ -243,7 +242,7 @@ def pretrain_vlm(cfg: VlmPretrainConfig = None, *, cache_dir=None, force: bool =
     or ``force``. Concurrent callers wait for one another (a file lock) instead of training twice."""
     from filelock import FileLock
 
-    from .clip import resolve_synthetic
+    from .pretrain_clip import resolve_synthetic
     from .vlm import VisionLanguageModel, _quiet_transformers
     from .vlm_tiny import build_tiny_llava, tiny_spec
 
@@ -266,8 +265,8 @@ def pretrain_vlm(cfg: VlmPretrainConfig = None, *, cache_dir=None, force: bool =
                       f"(captions and {', '.join(cfg.question_types)} questions; cache: {path})", flush=True)
             stats = train_vlm(vlm, cfg, spec["caption_question"], progress)
             acc = zero_shot_accuracy(vlm, seed=cfg.eval_seed, n_test=cfg.eval_test)
-        from .streams.synthetic import GENERATOR_VERSION
-        from .streams.vqa_synthetic import VQA_GENERATOR_VERSION, chance_level
+        from ..streams.synthetic import GENERATOR_VERSION
+        from ..streams.vqa_synthetic import VQA_GENERATOR_VERSION, chance_level
 
         info = {"model": cfg.model, "checkpoint": path.name, "config": asdict(cfg), "model_cfg": spec,
                 "clip_checkpoint": Path(clip_ckpt).name, "generator_version": GENERATOR_VERSION,
@@ -300,7 +299,7 @@ def resolve_synthetic_vlm(name: str, pretrain: dict | None = None, progress: boo
                           cache_dir=None) -> str:
     """Directory of the tiny VLM ``name`` pretrained on the synthetic world (trained on first use);
     ``pretrain`` overrides fields of :class:`VlmPretrainConfig`. Bad keys or values: UserError."""
-    from .pretrain import config_from_overrides
+    from .pretrain_clip import config_from_overrides
 
     cfg = config_from_overrides(VlmPretrainConfig, name, pretrain)
     return str(pretrain_vlm(cfg, progress=progress, force=force, cache_dir=cache_dir))
@@ -308,7 +307,7 @@ def resolve_synthetic_vlm(name: str, pretrain: dict | None = None, progress: boo
 
 def cli_pretrain_vlm(a) -> int:
     """``lifelong-moe pretrain vlm [CONFIG] [key=value ...] [--force] [--cache-dir DIR] [-q]``."""
-    from .config import apply_overrides, read_yaml_tree
+    from ..config import apply_overrides, read_yaml_tree
 
     overrides = list(a.overrides)
     if a.config and "=" in a.config and not Path(a.config).exists():
@@ -327,13 +326,3 @@ def cli_pretrain_vlm(a) -> int:
     print(f"use it with  backbone: {{family: vlm, name: {model}, pretrained: synthetic}}  or  name: {path}")
     return 0
 
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m lifelong_moe.pretrain_vlm [...]`` is ``lifelong-moe pretrain vlm [...]``."""
-    from .cli import main as cli_main
-
-    return cli_main(["pretrain", "vlm", *(sys.argv[1:] if argv is None else argv)])
-
-
-if __name__ == "__main__":
-    sys.exit(main())

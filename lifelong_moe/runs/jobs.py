@@ -18,12 +18,12 @@ from concurrent.futures import FIRST_EXCEPTION, ProcessPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
 
-from .config import RunConfig
-from .errors import UserError
-from .registry import strategy_modules
+from ..config import RunConfig
+from ..errors import UserError
+from ..registry import strategy_modules
 
 
-PRELOAD = ["lifelong_moe.runner", "lifelong_moe.edit_runner", "lifelong_moe.streams.builder", "lifelong_moe.evaluator",
+PRELOAD = ["lifelong_moe.runs.runner", "lifelong_moe.runs.edit_runner", "lifelong_moe.streams.builder", "lifelong_moe.evaluation.evaluator",
            *(f"lifelong_moe.strategies.{m}" for m in strategy_modules())]
 
 
@@ -45,14 +45,14 @@ def start_early() -> None:
 
 def prepare_assets(configs: list[RunConfig], progress: bool = True) -> None:
     """Pretrain (or find cached) every synthetic backbone the configs name, in this process."""
-    from .backbones import prepare_assets as prepare
+    from ..backbones.factory import prepare_assets as prepare
 
     for cfg in configs:  # trains on the first call, finds the cached copy after
         prepare(cfg.backbone, progress=progress)
 
 
 def cost(cfg: RunConfig) -> float:
-    from .registry import strategy_class
+    from ..registry import strategy_class
 
     return strategy_class(cfg.strategy.name, cfg.backbone.family).cost_hint
 
@@ -62,9 +62,9 @@ def _run_variant(kind: str, config: str, overrides: list[str], variant: str, out
     """One variant in a worker process: ``kind`` "run" (``runner.run``) or "edit" (``edit_runner.run_edit``)."""
     if kind == "edit":
         from .edit_runner import run_edit as run_one
-        from .editing.config import load_edit_config as load
+        from ..editing.config import load_edit_config as load
     else:
-        from .config import load_config as load
+        from ..config import load_config as load
         from .runner import run as run_one
 
     cfg = load(config, overrides, only=[variant])[0]
@@ -82,7 +82,7 @@ def run_parallel(config: str, overrides: list[str], configs: list, outs: list[Pa
     runs) or "edit" (``lifelong-moe edit``). A failing variant stops the others from starting and
     re-raises here."""
     cost_of = cost_of or cost
-    from .device import resolve_device
+    from ..runtime.device import resolve_device
 
     for cfg in configs:  # an unavailable device fails before any pretraining or run starts
         resolve_device(cfg.runtime.device)  # (no CUDA context here: the workers create their own)

@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .errors import UserError
+from ..errors import UserError
 
 VLM_CONFIG_DIR = Path(__file__).parent / "model_configs" / "vlm"
 
@@ -119,14 +119,14 @@ def build_tiny_llava(name: str = "lmoe-tiny-llava", clip_checkpoint: str | None 
                               LlavaProcessor)
 
     from .clip import create_clip
-    from .pretrain import model_config
+    from .pretrain_clip import model_config
     from .vlm_tokenizer import build_tokenizer
 
     spec = tiny_spec(name)
     tokenizer = build_tokenizer(tiny_words(spec))
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        clip, _, size, mean, std = create_clip(spec["vision_from_clip"], clip_checkpoint, progress=False)
+        clip, _, size, mean, std = create_clip(spec["vision_from_clip"], clip_checkpoint)
         vision_cfg = clip_vision_config_of(model_config(spec["vision_from_clip"]), open_clip_activation(clip.visual))
         declared = spec["vision_config"]
         mismatch = {k: (v, getattr(vision_cfg, k)) for k, v in declared.items() if getattr(vision_cfg, k) != v}

@@ -1,7 +1,7 @@
 """The comparison figures: forgetting curves (one panel per task), the average-accuracy curve and the
 accuracy-matrix heatmaps, one line (or mean line with a +-1 std band over seeds) per run group.
 Object-oriented matplotlib (no pyplot, so no global backend state); PNGs rendered by Agg and written
-atomically. :mod:`lifelong_moe.compare` loads the runs and calls these."""
+atomically. :mod:`lifelong_moe.report.compare` loads the runs and calls these."""
 from __future__ import annotations
 
 import math
@@ -13,7 +13,7 @@ from matplotlib.colors import to_rgba
 from matplotlib.figure import Figure
 from matplotlib.ticker import PercentFormatter
 
-from .io import atomic_path
+from ..io import atomic_path
 
 MARKERS = "osD^vPX*<>"
 MAX_COLS = 4  # panels per row in the forgetting-curve grid

@@ -31,7 +31,7 @@ import torch
 import torch.distributed as dist
 from torch.utils.data import BatchSampler, DataLoader, RandomSampler, Subset
 
-from .errors import UserError
+from ..errors import UserError
 
 TIMEOUT_ENV = "LIFELONG_MOE_DIST_TIMEOUT"
 

@@ -27,7 +27,7 @@ def split_words(text: str) -> list[str]:
 def world_vocabulary() -> list[str]:
     """The synthetic world's words: every word a question, answer or caption can contain
     (:func:`streams.vqa_synthetic.vocabulary`)."""
-    from .streams.vqa_synthetic import vocabulary
+    from ..streams.vqa_synthetic import vocabulary
 
     return vocabulary()
 

@@ -1,7 +1,7 @@
 """Cost of CL-MoE on the tiny VLM (``lmoe-tiny-llava``, random init), CPU, against the floor: the same
 backbone with one dense LoRA (peft) of the same total rank on the same linears.
 
-``cl_moe_cost`` times, as interleaved repeated medians (:func:`lifelong_moe.bench._median_times`):
+``cl_moe_cost`` times, as interleaved repeated medians (:func:`lifelong_moe.bench.timing.median_times`):
 
 - a training step (teacher-forced forward of ``batch`` questions, answer CE, backward, AdamW step);
 - greedy generation (``max_new_tokens``, KV cache) of ``infer_batch`` answers through the
@@ -18,12 +18,12 @@ import json
 
 import torch
 
-from .bench import _median_times
+from .timing import median_times
 
 
 def _strategy(name: str, extra: dict, batch: int, seed: int):
-    from .config import validate
-    from .runner import build
+    from ..config import validate
+    from ..runs.runner import build
 
     cfg = validate({
         "name": "bench", "seed": seed,
@@ -40,7 +40,7 @@ def _strategy(name: str, extra: dict, batch: int, seed: int):
 def cl_moe_cost(batch: int = 32, infer_batch: int = 64, max_new_tokens: int = 4, num_experts: int = 4, r: int = 32,
                 repeats: int = 20, warmup: int = 3, threads: int = 2, seed: int = 0) -> dict:
     """Median seconds per training step / generation batch and the CL-MoE-over-LoRA ratios."""
-    from .moe.lora_experts import task_gate
+    from ..moe.lora_experts import task_gate
 
     torch.set_num_threads(threads)
     stream, clmoe = _strategy("cl_moe", {"num_experts": num_experts, "r": r, "alpha": 2.0 * r}, batch, seed)
@@ -90,7 +90,7 @@ def cl_moe_cost(batch: int = 32, infer_batch: int = 64, max_new_tokens: int = 4,
     # would stop at different steps and time different work
     lengths = {k: int((st_.model.generate_ids(xi, questions, max_new_tokens) != st_.model.eos_token_id).all(1).sum())
                for k, st_ in (("cl_moe", clmoe), ("lora", lora))}
-    gen = _median_times({"cl_moe": generate(clmoe), "cl_moe_instance_only": generate(clmoe, False),
+    gen = median_times({"cl_moe": generate(clmoe), "cl_moe_instance_only": generate(clmoe, False),
                          "lora": generate(lora)}, repeats, warmup)
 
     def step(s):
@@ -104,7 +104,7 @@ def cl_moe_cost(batch: int = 32, infer_batch: int = 64, max_new_tokens: int = 4,
             opt.step()
         return run
 
-    train = _median_times({"cl_moe": step(clmoe), "lora": step(lora)}, repeats, warmup)
+    train = median_times({"cl_moe": step(clmoe), "lora": step(lora)}, repeats, warmup)
     inferred = clmoe.inference.get((1, task.index))
     return {
         "setup": {"model": "lmoe-tiny-llava", "experts": num_experts, "r": r, "batch": batch,

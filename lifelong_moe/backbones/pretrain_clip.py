@@ -29,7 +29,6 @@ import json
 import math
 import os
 import queue
-import sys
 import threading
 import time
 from dataclasses import asdict, dataclass, fields
@@ -41,9 +40,9 @@ import torch
 import torch.nn.functional as F
 
 from .clip import MODEL_CONFIG_DIR, create_clip, encode_text, image_stats, register_model_configs
-from .errors import UserError
-from .io import atomic_path, write_text
-from .threads import torch_threads
+from ..errors import UserError
+from ..io import atomic_path, write_text
+from ..runtime.threads import torch_threads
 
 T = TypeVar("T")
 RECIPE_VERSION = 2  # bump when the training code changes the weights a config produces (cache key)
@@ -110,7 +109,7 @@ def config_from_overrides(cls, name: str, pretrain: dict | None):
     import difflib
     from dataclasses import fields
 
-    from .errors import UserError
+    from ..errors import UserError
 
     over = dict(pretrain or {})
     known = {f.name for f in fields(cls)} - {"model"}
@@ -144,7 +143,7 @@ def model_config(name: str) -> dict:
 
 
 def cache_key(cfg: PretrainConfig) -> str:
-    from .streams.synthetic import GENERATOR_VERSION
+    from ..streams.synthetic import GENERATOR_VERSION
 
     blob = json.dumps({"config": cfg.key_dict(), "model_cfg": model_config(cfg.model), "recipe": RECIPE_VERSION,
                        "generator_version": GENERATOR_VERSION, "seed": cfg.seed}, sort_keys=True)
@@ -238,7 +237,7 @@ def bank_loss(logits: torch.Tensor, scenes: np.ndarray, bank_mentions: np.ndarra
     the true one as target; averaged over attributes and the images it applies to. It is CLIP's
     image-to-text InfoNCE with negatives drawn from the same attribute, which is exactly the choice
     a zero-shot prompt classifier faces; ``logits`` is ``[images, bank captions]``."""
-    from .streams.synthetic import caption_matches
+    from ..streams.synthetic import caption_matches
 
     pos = torch.from_numpy(caption_matches(scenes, bank_mentions))
     group = (bank_mentions != -1).argmax(1)
@@ -258,8 +257,8 @@ def supervise_image_tower(model, cfg: "PretrainConfig", rng: np.random.Generator
     cores for a minute learns colour but hardly shape or position; supervised attribute heads give
     every image a signal on every attribute, after which the text tower is aligned to the image
     features (stage 2, LiT: Zhai et al., "LiT: Zero-Shot Transfer with Locked-image text Tuning", CVPR 2022)."""
-    from .streams.synthetic import ATTRIBUTE_VALUES, PRETRAIN_MIX, sample_scenes
-    from .streams.synthetic_render import A, render
+    from ..streams.synthetic import ATTRIBUTE_VALUES, PRETRAIN_MIX, sample_scenes
+    from ..streams.synthetic_render import A, render
 
     dim = model.visual.output_dim
     heads = torch.nn.ModuleDict({a: torch.nn.Linear(dim, len(v)) for a, v in ATTRIBUTE_VALUES.items()})
@@ -299,7 +298,7 @@ def supervise_image_tower(model, cfg: "PretrainConfig", rng: np.random.Generator
 
 def train_clip(model, tokenizer, cfg: PretrainConfig, progress: bool = True) -> dict:
     """Both pretraining stages on ``model`` in place (see the module docstring); returns statistics."""
-    from .streams.synthetic import attribute_bank, caption_batch, caption_matches
+    from ..streams.synthetic import attribute_bank, caption_batch, caption_matches
 
     torch.manual_seed(cfg.seed)
     rng = np.random.default_rng([cfg.seed, 0xC11B])
@@ -369,7 +368,7 @@ def zero_shot_accuracy(model, tokenizer, domains: Sequence[str] | None = None, s
                        n_test_per_class: int = 50, batch_size: int = 512) -> dict[str, float]:
     """Zero-shot accuracy on each synthetic domain's test split: CLIP's prompt classifier (class
     names in the domain's template, cosine similarity). See :func:`chance_level`."""
-    from .streams.synthetic import DOMAINS, load_domain
+    from ..streams.synthetic import DOMAINS, load_domain
 
     model.eval()
     norm = normalizer(model)
@@ -389,7 +388,7 @@ def zero_shot_accuracy(model, tokenizer, domains: Sequence[str] | None = None, s
 
 
 def chance_level(domain: str) -> float:
-    from .streams.synthetic import get_domain
+    from ..streams.synthetic import get_domain
 
     return 1.0 / len(get_domain(domain).class_names)
 
@@ -427,7 +426,7 @@ def pretrain_clip(cfg: PretrainConfig = PretrainConfig(), *, cache_dir: str | os
                   f"(cache: {path})", flush=True)
         stats = train_clip(model, tokenizer, cfg, progress)
         acc = zero_shot_accuracy(model, tokenizer, seed=cfg.eval_seed, n_test_per_class=cfg.eval_test_per_class)
-    from .streams.synthetic import GENERATOR_VERSION
+    from ..streams.synthetic import GENERATOR_VERSION
 
     info = {"model": cfg.model, "checkpoint": path.name, "config": asdict(cfg), "model_cfg": model_config(cfg.model),
             "generator_version": GENERATOR_VERSION, **stats, "torch_threads": cfg.threads,
@@ -443,12 +442,9 @@ def pretrain_clip(cfg: PretrainConfig = PretrainConfig(), *, cache_dir: str | os
     return path
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m lifelong_moe.pretrain [...]`` is ``lifelong-moe pretrain clip [...]``."""
-    from .cli import main as cli_main
-
-    return cli_main(["pretrain", "clip", *(sys.argv[1:] if argv is None else argv)])
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+def resolve_synthetic(name: str, pretrain: dict | None = None, progress: bool = True, force: bool = False,
+                      cache_dir: str | None = None) -> str:
+    """Path of the tiny CLIP ``name`` pretrained on the synthetic world (trained on first use, then
+    cached); ``pretrain`` overrides fields of :class:`PretrainConfig`."""
+    cfg = config_from_overrides(PretrainConfig, name, pretrain)
+    return str(pretrain_clip(cfg, progress=progress, force=force, cache_dir=cache_dir))

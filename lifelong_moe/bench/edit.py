@@ -1,7 +1,7 @@
 """Cost of knowledge editing on the tiny VLM (``lmoe-tiny-llava``), CPU, for any editing method:
 
 - answering (greedy generation of ``batch`` questions, ``max_new_tokens``) with ``edits`` stored edits
-  against an empty store, as interleaved repeated medians (:func:`lifelong_moe.bench._median_times`)
+  against an empty store, as interleaved repeated medians (:func:`lifelong_moe.bench.timing.median_times`)
   and their ratio. The store holds ``real`` edits made by the method, cycled (float tensors with a
   little noise, so no two are equal) up to ``edits``; the questions are about other scenes;
 - one ``edit()`` call (median over ``real`` edits) against one teacher-forced forward of the VLM on
@@ -24,15 +24,15 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .bench import _median_times
-from .errors import UserError
+from .timing import median_times
+from ..errors import UserError
 
 
 def world_records(vlm, n: int, seed: int):
     """Colour questions about synthetic scenes with a counterfactual colour as the edit (cost only)."""
-    from .editing.types import EditRecord
-    from .streams.synthetic_render import render
-    from .streams.vqa_synthetic import answer_space, make_questions, sample_for
+    from ..editing.types import EditRecord
+    from ..streams.synthetic_render import render
+    from ..streams.vqa_synthetic import answer_space, make_questions, sample_for
 
     rng = np.random.default_rng(seed)
     scenes = sample_for("color", n, rng)
@@ -50,12 +50,12 @@ def edit_cost(method: str = "retrieval", params: dict | None = None, edits: int 
               pretrained: str | None = "synthetic", seed: int = 0, fit: int = 0) -> dict:
     import copy
 
-    from .editing.editor import Editor
-    from .vlm import VisionLanguageModel
+    from ..editing.editor import Editor
+    from ..backbones.factory import load_vlm
 
     torch.set_num_threads(threads)
     torch.manual_seed(seed)
-    vlm = VisionLanguageModel.from_config("lmoe-tiny-llava", pretrained, progress=False)
+    vlm = load_vlm("lmoe-tiny-llava", pretrained, progress=False)
     if fit:
         if method != "liveedit":
             raise UserError(f"--fit meta-trains LiveEdit; {method!r} has nothing to meta-train")
@@ -64,7 +64,7 @@ def edit_cost(method: str = "retrieval", params: dict | None = None, edits: int 
     full = Editor(vlm, method, seed=seed, **(params or {}))
     fit_s = None
     if fit:  # how many experts the trained hard filter keeps sets the cost of answering
-        from .streams.edit_synthetic import edit_records
+        from ..streams.edit_synthetic import edit_records
 
         t = time.perf_counter()
         full.fit(edit_records("train", 600, seed=seed))
@@ -91,7 +91,7 @@ def edit_cost(method: str = "retrieval", params: dict | None = None, edits: int 
     queries = world_records(vlm, batch, seed + 1)
     x = torch.stack([r.image for r in queries])
     qs = [r.src for r in queries]
-    times = _median_times({"none": lambda: empty.vlm.generate(x, qs, max_new_tokens),
+    times = median_times({"none": lambda: empty.vlm.generate(x, qs, max_new_tokens),
                            "stored": lambda: full.vlm.generate(x, qs, max_new_tokens)}, repeats, warmup)
     kept = None
     if hasattr(full.method, "routing"):  # experts each question keeps (LiveEdit's hard filter and cap)

@@ -13,7 +13,7 @@ import re
 
 import torch
 
-from .errors import UserError
+from ..errors import UserError
 
 DEVICE_PATTERN = r"auto|cpu|mps|cuda(:\d+)?"
 PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}

@@ -18,25 +18,24 @@
   and the MoE pass runs on the rest (``moe_ddas``), or, as before, a second pass over the whole
   batch (``moe_ddas_before``).
 
-``python -m lifelong_moe.bench`` prints the ratios (the CLI exposes it as ``lifelong-moe bench moe``).
+``python -m lifelong_moe.bench.moe_adapters`` prints the ratios (the CLI exposes it as ``lifelong-moe bench moe``).
 """
 from __future__ import annotations
 
 import argparse
 import copy
 import json
-import statistics
-import time
 
 import torch
 import torch.nn.functional as F
 from open_clip.transformer import ResidualAttentionBlock
 from torch import nn
 
-from .errors import UserError
-from .moe import inject_moe_adapters
-from .moe.ddas import DDAS, ClipFeatures
-from .moe.routers import Routing
+from ..errors import UserError
+from .timing import median_times
+from ..moe import inject_moe_adapters
+from ..moe.ddas import DDAS, ClipFeatures
+from ..moe.routers import Routing
 
 
 class DenseAdapterBlock(ResidualAttentionBlock):
@@ -85,24 +84,11 @@ class _FixedRouter(nn.Module):
         return Routing(idx, c.new_full((B, self.k), 1.0 / self.k))
 
 
-def _median_times(fns: dict, repeats: int, warmup: int) -> dict[str, float]:
-    for _ in range(warmup):
-        for fn in fns.values():
-            fn()
-    times = {k: [] for k in fns}
-    for _ in range(repeats):  # interleaved: drifts of a shared machine hit every variant alike
-        for k, fn in fns.items():
-            t = time.perf_counter()
-            fn()
-            times[k].append(time.perf_counter() - t)
-    return {k: statistics.median(v) for k, v in times.items()}
-
-
 def moe_cost(experts: int = 22, k: int = 2, model: str = "lmoe-tiny-vit-p4", batch: int = 64, prompts: int = 10,
              infer_batch: int = 128,
              repeats: int = 30, warmup: int = 5, threads: int = 2, seed: int = 0, breakdown: bool = False) -> dict:
     """Median seconds per training step / inference batch and the MoE-over-baseline ratios."""
-    from .clip import create_clip
+    from ..backbones.clip import create_clip
 
     torch.set_num_threads(threads)
     torch.manual_seed(seed)
@@ -159,7 +145,7 @@ def moe_cost(experts: int = 22, k: int = 2, model: str = "lmoe-tiny-vit-p4", bat
         pad_param.grad = torch.zeros_like(pad_param)
         variants["moe_fixed_routing"] = step(fixed, torch.optim.AdamW(fixed_handle.parameters(), lr=1e-4))
         variants["dense_k_moe_params"] = step(dense_k, opts["dense_k"], torch.optim.AdamW([pad_param], lr=1e-4))
-    train = _median_times(variants, repeats, warmup)
+    train = median_times(variants, repeats, warmup)
 
     ddas = DDAS(base.visual.output_dim, num_tasks=1)
     ddas.set_task_ae(0, ddas.new_autoencoder())
@@ -188,7 +174,7 @@ def moe_cost(experts: int = 22, k: int = 2, model: str = "lmoe-tiny-vit-p4", bat
         return run
 
     handle.set_task(0)
-    inference = _median_times({"moe": infer(moe), "plain": infer(base), "dense": infer(dense),
+    inference = median_times({"moe": infer(moe), "plain": infer(base), "dense": infer(dense),
                                "dense_k": infer(dense_k), "moe_ddas": infer(moe, "split"),
                                "moe_ddas_before": infer(moe, "before")}, repeats, warmup)
     record = {

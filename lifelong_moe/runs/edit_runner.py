@@ -27,13 +27,13 @@ import io
 import time
 from pathlib import Path
 
-from . import results as R
-from .editing import metrics as EM
-from .editing.config import EditConfig
-from .errors import UserError
-from .io import atomic_path, write_text
-from .provenance import versions
-from .threads import torch_threads
+from .. import results as R
+from ..editing import metrics as EM
+from ..editing.config import EditConfig
+from ..errors import UserError
+from ..io import atomic_path, write_text
+from ..provenance import versions
+from ..runtime.threads import torch_threads
 
 TABLE_COLUMNS = [f"{m}.{k}" for m in EM.METRICS for k in ("token_acc", "exact_match")]
 
@@ -47,13 +47,13 @@ def load_data(cfg: EditConfig, vlm):
     d = cfg.data
     if d.source == "synthetic":
         try:
-            from .streams.edit_synthetic import edit_records
+            from ..streams.edit_synthetic import edit_records
         except ModuleNotFoundError:
             raise UserError("data.source: synthetic needs streams/edit_synthetic.py (not in this installation); "
                             "use data.source: json") from None
         train = edit_records("train", d.train, seed=cfg.seed) if d.train else []
         return train, edit_records("test", d.eval, seed=cfg.seed)
-    from .editing.records import load_records
+    from ..editing.records import load_records
 
     train = load_records(d.train_path, vlm, image_root=d.image_root, ignore_fields=d.ignore_fields) \
         if d.train_path else []
@@ -124,7 +124,7 @@ def _fit_checkpoint(run_dir: R.RunDir) -> Path:
 
 
 def _run(cfg: EditConfig, run_dir: R.RunDir, *, resume: bool, overwrite: bool, log) -> Path:
-    from .editing.editor import Editor
+    from ..editing.editor import Editor
 
     state = run_dir.check_start(cfg, resume=resume, overwrite=overwrite)  # raises before any write
     if resume and state.get("status") == "complete":

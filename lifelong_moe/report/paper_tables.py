@@ -1,5 +1,5 @@
 """Results tables as they go into a paper: Markdown and LaTeX (booktabs), one row per method (a
-group of seeds, see :mod:`lifelong_moe.aggregate`), one column per metric, ``mean ± std`` over seeds
+group of seeds, see :mod:`lifelong_moe.report.aggregate`), one column per metric, ``mean ± std`` over seeds
 (the mean alone for one seed), the best mean of each column in bold (ties: all of them, compared as
 printed). Forgetting is better lower; every other metric higher (bwt and fwt: less negative is better).
 Accuracy-like runs print in percent with two decimals, others raw with four.

@@ -1,9 +1,9 @@
 """Compare saved runs: forgetting curves, average-accuracy curves, heatmaps (drawn by
-:mod:`lifelong_moe.plots`) and the metrics and paper tables.
+:mod:`lifelong_moe.report.plots`) and the metrics and paper tables.
 
 Reads only ``results.json`` (schema_version 1, see docs/results.md): the stored ``metrics`` are
 shown as saved, and the small per-step curve is recomputed here, so this module needs neither
-torch nor ``lifelong_moe.metrics``. Figures use the object-oriented matplotlib API (no pyplot, so
+torch nor ``lifelong_moe.evaluation.metrics``. Figures use the object-oriented matplotlib API (no pyplot, so
 no global backend state); PNGs are rendered by Agg. Every file is written atomically.
 """
 from __future__ import annotations
@@ -12,8 +12,6 @@ import csv
 import io
 import json
 import math
-import sys
-import types
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -21,8 +19,8 @@ import numpy as np
 from matplotlib.figure import Figure
 
 from .aggregate import aggregated, group_runs, paired
-from .errors import UserError
-from .io import write_text
+from ..errors import UserError
+from ..io import write_text
 from .paper_tables import latex_table, markdown_table
 from .plots import average_accuracy, forgetting_curves, heatmaps, palette, save_png
 
@@ -277,7 +275,7 @@ def compare_runs(run_dirs, out_dir, *, labels=None) -> dict[str, Path]:
     paper tables results.md / results.tex (and expert_usage.png when a run routes over experts; paired.md
     when two methods share seeds) into ``out_dir`` (created) for the runs in ``run_dirs``; return
     ``{file name: path}``. Runs that differ only by seed are aggregated (mean +- std, see
-    :mod:`lifelong_moe.aggregate`)."""
+    :mod:`lifelong_moe.report.aggregate`)."""
     runs = _as_runs(run_dirs, labels)
     out = Path(out_dir)
     if out.exists() and not out.is_dir():
@@ -398,16 +396,3 @@ def paired_markdown(pairs, keys: list[str] | None = None) -> str:
         out.append("")
     return "\n".join(out)
 
-
-class _CallableModule(types.ModuleType):
-    """``lifelong_moe.compare(runs)`` is the API function (:func:`lifelong_moe.api.compare`), while
-    ``lifelong_moe.compare`` is also this module: importing a submodule binds its name on the package,
-    so the module is made callable (a module's ``__class__`` may be set to a ModuleType subclass)."""
-
-    def __call__(self, runs, output=None, *, labels=None) -> dict:
-        from .api import compare
-
-        return compare(runs, output, labels=labels)
-
-
-sys.modules[__name__].__class__ = _CallableModule

@@ -1,0 +1,78 @@
+"""Backbone families: how a config's ``backbone`` section becomes a model, and which images it eats.
+
+``clip``: a frozen open_clip CLIP with its prompt classifier (:class:`lifelong_moe.backbones.clip.ClipClassifier`).
+``vlm``: a frozen Hugging Face LLaVA-style generative VLM (:class:`lifelong_moe.backbones.vlm.VisionLanguageModel`).
+``pretrained: synthetic`` names the embedded tiny models pretrained here on the synthetic world: it is
+resolved to their cached checkpoint first (:mod:`.pretrain_clip`, :mod:`.pretrain_vlm`), so the loaders
+below it take the path a real checkpoint takes.
+"""
+from __future__ import annotations
+
+from ..errors import UserError
+
+SYNTHETIC = "synthetic"  # pretrained=synthetic: the embedded model pretrained on the offline synthetic world
+
+
+def resolve_embedded(family: str, name: str, pretrained: str | None, pretrain: dict | None = None,
+                     progress: bool = True) -> str | None:
+    """``pretrained`` as a loader takes it: ``synthetic`` becomes the cached checkpoint of the embedded
+    model (pretrained on first use, ``pretrain`` overriding its recipe); anything else is returned as is."""
+    if pretrained != SYNTHETIC:
+        if pretrain:
+            raise UserError("backbone.pretrain is only used with backbone.pretrained: synthetic")
+        return pretrained
+    if family == "vlm":
+        from .pretrain_vlm import resolve_synthetic_vlm
+
+        return resolve_synthetic_vlm(name, pretrain, progress)
+    from .pretrain_clip import resolve_synthetic
+
+    return resolve_synthetic(name, pretrain, progress)
+
+
+def load_clip(name: str, pretrained: str | None, *, cache_text: bool = True, pretrain: dict | None = None,
+              progress: bool = True, quick_gelu: bool | None = None):
+    """A frozen :class:`~.clip.ClipClassifier` (``pretrained``: open_clip tag, checkpoint path, ``synthetic``
+    or None)."""
+    from .clip import ClipClassifier, resolve_quick_gelu
+
+    quick_gelu = resolve_quick_gelu(name, pretrained, quick_gelu)  # decided on the name the user gave
+    return ClipClassifier.from_config(name, resolve_embedded("clip", name, pretrained, pretrain, progress),
+                                      cache_text, quick_gelu=quick_gelu)
+
+
+def load_vlm(name: str, pretrained: str | None = None, *, pretrain: dict | None = None, download: bool = False,
+             prompt_template: str | None = None, progress: bool = True, dtype=None):
+    """A frozen :class:`~.vlm.VisionLanguageModel` (``name``: shipped tiny VLM, hub id or directory;
+    ``pretrained``: for a shipped name, ``synthetic``, a directory of its weights or None)."""
+    from .vlm import VisionLanguageModel
+
+    return VisionLanguageModel.from_config(name, resolve_embedded("vlm", name, pretrained, pretrain, progress),
+                                           download=download, prompt_template=prompt_template, dtype=dtype)
+
+
+def build_backbone(b, progress: bool = True):
+    """The frozen backbone a ``backbone`` config section names (every failure is a UserError)."""
+    if b.family == "vlm":
+        return load_vlm(b.name, b.pretrained, pretrain=b.pretrain, download=b.download,
+                        prompt_template=b.prompt_template, progress=progress)
+    return load_clip(b.name, b.pretrained, cache_text=b.cache_text_features, pretrain=b.pretrain,
+                     progress=progress, quick_gelu=b.quick_gelu)
+
+
+def prepare_assets(b, progress: bool = True) -> None:
+    """Pretrain (or find cached) the embedded backbone a config names, so that parallel variants
+    find it ready instead of each training it."""
+    if b.pretrained == SYNTHETIC:
+        resolve_embedded(b.family, b.name, b.pretrained, b.pretrain, progress)
+
+
+def image_transform(model, augment: str = "none"):
+    """The stream-side preprocessing the backbone expects: resize, centre crop, normalise (and, for
+    training images, ``augment``: see :class:`~lifelong_moe.streams.transforms.ImageTransform`)."""
+    import torch
+
+    from ..streams.transforms import ImageTransform
+
+    mean, std = (torch.as_tensor(v).flatten().tolist() for v in (model.mean, model.std))  # buffers or tuples
+    return ImageTransform(model.image_size, mean, std, augment)
