@@ -42,6 +42,7 @@ from lifelong_moe.errors import UserError
 from lifelong_moe.moe import TaskPrototypes, expert_roles, inject_lora_experts, momentum_merge
 from lifelong_moe.moe.lora_experts import task_gate, top_set
 from lifelong_moe.moe.momentum import REFERENCE_LAMBDAS, ROLES, UNIFORM_LAMBDAS, snapshot
+from lifelong_moe.moe.settings import CL_MOE, check_at_most_experts, check_rank_split
 
 from .vlm_base import StrategyParams, VlmStrategy
 from .vlm_lora import LLM_LINEARS
@@ -58,17 +59,19 @@ class Lambdas(Strict):
 
 class ClMoEParams(StrategyParams):
     """Family-independent CL-MoE settings (defaults: the release, ``--lora_r 32 --lora_alpha 64
-    --expert_num 4``, dropout 0.05, A ~ N(0, 0.01), dense instance routing; beta 0.5)."""
+    --expert_num 4``, dropout 0.05, A ~ N(0, 0.01), dense instance routing; beta 0.5; written once in
+    :mod:`lifelong_moe.moe.settings`, and not MoE-Adapters' because the papers differ). The counts of
+    experts and the rank split are checked when the run starts (:meth:`ClMoEMethod.setup_cl_moe`)."""
 
     name: Literal["cl_moe"] = "cl_moe"
-    num_experts: int = Field(4, gt=0)
-    r: int = Field(32, gt=0)  # total rank, split evenly over the experts
-    alpha: float = Field(64.0, gt=0)  # scaling alpha / r (total r)
-    dropout: float = Field(0.05, ge=0, lt=1)  # on the experts' input only
-    init_std: float = Field(0.01, gt=0)
-    top_k: Optional[int] = Field(None, gt=0)  # instance router: None = dense softmax (release)
+    num_experts: int = Field(CL_MOE.num_experts, gt=0)
+    r: int = Field(CL_MOE.r, gt=0)  # total rank, split evenly over the experts
+    alpha: float = Field(CL_MOE.alpha, gt=0)  # scaling alpha / r (total r)
+    dropout: float = Field(CL_MOE.dropout, ge=0, lt=1)  # on the experts' input only
+    init_std: float = Field(CL_MOE.init_std, gt=0)
+    top_k: Optional[int] = Field(CL_MOE.top_k, gt=0)  # instance router: None = dense softmax (release)
     task_router: Literal["paper", "reference", "off"] = "paper"
-    beta: float = Field(0.5, ge=0, le=1)  # weight of the instance gate at test time
+    beta: float = Field(CL_MOE.beta, ge=0, le=1)  # weight of the instance gate at test time
     usage_top_k: int = Field(2, gt=0)  # instance selections counted per token (release: top-2)
     task_experts: int = Field(2, gt=0)  # experts kept per task (task gate, merge roles)
     radius_quantile: float = Field(1.0, gt=0, le=1)  # of training distances to the centre
@@ -108,12 +111,9 @@ class ClMoEMethod:
     # ---------------------------------------------------------------- setup
     def setup_cl_moe(self, model, feature_dim: int) -> None:
         p = self.params
-        if p.r % p.num_experts:
-            raise UserError(f"strategy.r={p.r} must split evenly over strategy.num_experts={p.num_experts}")
-        for key in ("top_k", "usage_top_k", "task_experts"):
-            v = getattr(p, key)
-            if v is not None and v > p.num_experts:
-                raise UserError(f"strategy.{key}={v} exceeds strategy.num_experts={p.num_experts}")
+        check_rank_split(p.r, p.num_experts, prefix="strategy.", error=UserError)
+        check_at_most_experts(p.num_experts, {k: getattr(p, k) for k in ("top_k", "usage_top_k", "task_experts")},
+                              prefix="strategy.", error=UserError)
         self.moe = self.inject(model)
         self.moe.state.beta = p.beta
         self.moe.state.record_k = p.usage_top_k
@@ -133,6 +133,14 @@ class ClMoEMethod:
         return self.params.lambdas.model_dump()
 
     # ---------------------------------------------------------------- task boundary
+    def _before_training_exp(self, **kwargs):
+        self.begin_cl_moe_task()
+        super()._before_training_exp(**kwargs)  # the family's strategy (next in the MRO)
+
+    def _after_training_exp(self, **kwargs):
+        self.end_cl_moe_task(self.experience.task_info.index, self.experience.dataset)
+        super()._after_training_exp(**kwargs)
+
     def begin_cl_moe_task(self) -> None:
         """Step 1: keep theta_{t-1}; training runs on the instance router alone."""
         self._theta_prev = snapshot(self.moe.expert_pools()) if self.params.merge != "off" else None
@@ -357,14 +365,6 @@ class Strategy(ClMoEMethod, VlmStrategy):
             self.infer_task(feats)
 
     # ---------------------------------------------------------------- training
-    def _before_training_exp(self, **kwargs):
-        self.begin_cl_moe_task()
-        super()._before_training_exp(**kwargs)
-
-    def _after_training_exp(self, **kwargs):
-        self.end_cl_moe_task(self.experience.task_info.index, self.experience.dataset)
-        super()._after_training_exp(**kwargs)
-
     def statistics_pass(self, dataset) -> None:
         """Every training question of the task once, teacher-forced, no grad, eval mode: usage
         counted on all non-padding tokens, frozen features of image and question tokens."""

@@ -68,14 +68,9 @@ class Strategy(ClMoEMethod, ClipStrategy):
             return self._net.encode_image(x)
 
     # ---------------------------------------------------------------- training
-    def _before_training_exp(self, **kwargs):
-        self.begin_cl_moe_task()
-        super()._before_training_exp(**kwargs)
-
-    def _after_training_exp(self, **kwargs):
-        self.end_cl_moe_task(self.experience.task_info.index, self.experience.dataset)
+    def end_cl_moe_task(self, index: int, dataset) -> None:
+        super().end_cl_moe_task(index, dataset)
         self.model.clear_text_cache()  # the merge changed the experts
-        super()._after_training_exp(**kwargs)
 
     def statistics_pass(self, dataset) -> None:
         state, was = self.moe.state, self.model.training

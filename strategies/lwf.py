@@ -9,9 +9,11 @@ current head's classes (the old model's text tower encodes the same prompts).
 import copy
 from typing import Literal
 
-import torch.nn.functional as F
+import torch
 from avalanche.core import SupervisedPlugin
 from pydantic import Field
+
+from lifelong_moe.training.distillation import lwf_distillation
 
 from .base import ClipStrategy, StatefulPlugin, StrategyParams
 from .finetune import unfreeze_towers
@@ -38,13 +40,9 @@ class LwFPlugin(SupervisedPlugin, StatefulPlugin, supports_distributed=True):  #
     def before_backward(self, strategy, **kwargs):
         if self.old is None or self.alpha == 0:
             return
-        import torch
-
         with torch.no_grad(), strategy.autocast():
             old = self.old(strategy.mb_x, strategy.head)
-        target = F.softmax(old.float() / self.t, dim=-1)
-        log_p = F.log_softmax(strategy.mb_output.float() / self.t, dim=-1)
-        strategy.loss += self.alpha * self.t ** 2 * F.kl_div(log_p, target, reduction="batchmean")
+        strategy.loss += lwf_distillation(strategy.mb_output, old, self.t, weight=self.alpha)
 
     def after_training_exp(self, strategy, **kwargs):
         self.snapshot(strategy)

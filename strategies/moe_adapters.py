@@ -28,6 +28,7 @@ from lifelong_moe.config import SourceSpec, Strict
 from lifelong_moe.errors import UserError
 from lifelong_moe.moe import inject_moe_adapters
 from lifelong_moe.moe.ddas import DDAS, OOD, AlexNetFeatures, ClipFeatures, PixelFeatures, fit_autoencoder
+from lifelong_moe.moe.settings import MOE_ADAPTERS, check_at_most_experts
 
 from .base import ClipStrategy, StrategyParams
 
@@ -66,11 +67,12 @@ class DDASParams(Strict):
 
 class Params(StrategyParams):
     name: Literal["moe_adapters"] = "moe_adapters"
-    num_experts: int = Field(22, gt=0)
-    top_k: int = Field(2, gt=0)
-    bottleneck: int = Field(64, gt=0)
-    scale: float = 0.1
-    dropout: float = Field(0.1, ge=0, lt=1)
+    # the paper's defaults, not CL-MoE's (the papers differ): written once in lifelong_moe.moe.settings
+    num_experts: int = Field(MOE_ADAPTERS.num_experts, gt=0)
+    top_k: int = Field(MOE_ADAPTERS.top_k, gt=0)
+    bottleneck: int = Field(MOE_ADAPTERS.bottleneck, gt=0)
+    scale: float = MOE_ADAPTERS.scale
+    dropout: float = Field(MOE_ADAPTERS.dropout, ge=0, lt=1)
     towers: list[Literal["image", "text"]] = Field(["image", "text"], min_length=1)
     route_token: Literal["first", "eot"] = "first"  # text tower; images always route on CLS
     noise: bool = True  # noisy gating in training (never in eval)
@@ -82,9 +84,8 @@ class Params(StrategyParams):
 
     @model_validator(mode="after")
     def _at_most_num_experts(self) -> "Params":
-        for key in ("top_k", "freeze_top_k"):
-            if getattr(self, key) > self.num_experts:
-                raise ValueError(f"{key}={getattr(self, key)} exceeds num_experts={self.num_experts}")
+        # the config error names the section ("strategy: top_k=5 exceeds num_experts=4")
+        check_at_most_experts(self.num_experts, {"top_k": self.top_k, "freeze_top_k": self.freeze_top_k})
         return self
 
 
@@ -105,9 +106,7 @@ class Strategy(ClipStrategy):
     # ---------------------------------------------------------------- setup
     def setup(self, model) -> None:
         p = self.params
-        self._net = model  # Avalanche sets self.model only after setup
-        if p.top_k > p.num_experts:
-            raise UserError(f"strategy.top_k={p.top_k} exceeds strategy.num_experts={p.num_experts}")
+        self._net = model  # Avalanche sets self.model only after setup (top_k: checked by Params)
         self.moe = inject_moe_adapters(model, towers=p.towers, num_experts=p.num_experts, k=p.top_k,
                                        bottleneck=p.bottleneck, scale=p.scale, dropout=p.dropout,
                                        route_token=p.route_token)

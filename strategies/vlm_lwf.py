@@ -11,9 +11,10 @@ cost is one forward pass and the memory one adapter, whatever the backbone's siz
 from typing import Literal
 
 import torch
-import torch.nn.functional as F
 from avalanche.core import SupervisedPlugin
 from pydantic import Field
+
+from lifelong_moe.training.distillation import lwf_distillation
 
 from .vlm_base import StatefulPlugin, VlmStrategy
 from .vlm_lora import Params as LoraParams
@@ -55,9 +56,8 @@ class AnswerLwFPlugin(SupervisedPlugin, StatefulPlugin, supports_distributed=Tru
         labels = strategy._batch.labels  # -100 except the answer tokens (and EOS) it predicts
         mask = torch.zeros_like(labels, dtype=torch.bool)
         mask[:, :-1] = labels[:, 1:] != -100  # logits at t predict token t + 1
-        target = F.softmax(self.teacher_logits(strategy)[mask].float() / self.t, dim=-1)
-        log_p = F.log_softmax(strategy.mb_output[mask].float() / self.t, dim=-1)
-        strategy.loss += self.alpha * self.t ** 2 * F.kl_div(log_p, target, reduction="batchmean")
+        teacher = self.teacher_logits(strategy)[mask]
+        strategy.loss += lwf_distillation(strategy.mb_output[mask], teacher, self.t, weight=self.alpha)
 
     def after_training_exp(self, strategy, **kwargs):
         self.snapshot(strategy)

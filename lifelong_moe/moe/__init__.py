@@ -5,7 +5,8 @@ CL-MoE (Huai et al., CVPR 2025): LoRA experts on frozen linears with instance an
 Also: MoE-Adapters (Yu et al., CVPR 2024) -- bottleneck experts, per-task noisy top-k
 routers, per-sample routing on the first (or EOT) token, bit-exact expert freezing and bypass.
 The base classes (``StackedExperts``, ``Router``, ``Routing``) are meant for CL-MoE's LoRA experts
-and instance/task routers and LiveEdit's soft-routed low-rank experts as well.
+and instance/task routers and LiveEdit's soft-routed low-rank experts as well. Both methods' default
+settings, and the checks of a setting against the expert pool, are written once in ``settings``.
 """
 from .ddas import DDAS, AutoEncoder
 from .experts import BottleneckExperts, StackedExperts

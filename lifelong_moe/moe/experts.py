@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..runtime.device import autocast_active
+from .settings import MOE_ADAPTERS
 
 
 class StackedExperts(nn.Module):
@@ -131,8 +132,8 @@ class BottleneckExperts(StackedExperts):
     operand: the mixture ``sum_j g_j E_j(h)`` is then two ``baddbmm`` calls per block.
     """
 
-    def __init__(self, d_model: int, num_experts: int, bottleneck: int = 64, scale: float = 0.1,
-                 dropout: float = 0.1):
+    def __init__(self, d_model: int, num_experts: int, bottleneck: int = MOE_ADAPTERS.bottleneck,
+                 scale: float = MOE_ADAPTERS.scale, dropout: float = MOE_ADAPTERS.dropout):
         self.d_model, self.bottleneck = d_model, bottleneck
         super().__init__(num_experts, {"down_weight": (bottleneck, d_model), "down_bias": (bottleneck,),
                                        "up_weight": (bottleneck, d_model), "up_bias": (d_model,)})

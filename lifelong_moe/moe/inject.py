@@ -17,6 +17,7 @@ from torch import nn
 
 from .experts import BottleneckExperts
 from .routers import NoisyTopKRouter
+from .settings import MOE_ADAPTERS
 
 _TOWERS = {"image": ("visual.transformer.resblocks",),
            "text": ("transformer.resblocks", "text.transformer.resblocks")}
@@ -32,8 +33,9 @@ class MoEAdapter(nn.Module):
     (set by :meth:`set_task`); ``route_positions`` [B] for ``route_token="eot"``.
     """
 
-    def __init__(self, d_model: int, num_experts: int = 22, k: int = 2, bottleneck: int = 64,
-                 scale: float = 0.1, dropout: float = 0.1, route_token: str = "first"):
+    def __init__(self, d_model: int, num_experts: int = MOE_ADAPTERS.num_experts, k: int = MOE_ADAPTERS.top_k,
+                 bottleneck: int = MOE_ADAPTERS.bottleneck, scale: float = MOE_ADAPTERS.scale,
+                 dropout: float = MOE_ADAPTERS.dropout, route_token: str = "first"):
         super().__init__()
         if route_token not in ("first", "eot"):
             raise ValueError(f"route_token must be 'first' or 'eot', got {route_token!r}")
@@ -139,8 +141,9 @@ def _key(name: str) -> tuple[str, int]:
 
 
 def inject_moe_adapters(clip_model: nn.Module, towers: Iterable[str] = ("image", "text"),
-                        layers: Iterable[int] | None = None, num_experts: int = 22, k: int = 2,
-                        bottleneck: int = 64, scale: float = 0.1, dropout: float = 0.1,
+                        layers: Iterable[int] | None = None, num_experts: int = MOE_ADAPTERS.num_experts,
+                        k: int = MOE_ADAPTERS.top_k, bottleneck: int = MOE_ADAPTERS.bottleneck,
+                        scale: float = MOE_ADAPTERS.scale, dropout: float = MOE_ADAPTERS.dropout,
                         route_token: str = "first") -> "MoEAdapters":
     """Add MoE-Adapters to the targeted blocks (``layers=None``: all) and return their handle.
     ``route_token`` applies to the text tower (images always route on CLS). No router exists until

@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .experts import StackedExperts
+from .settings import CL_MOE, check_at_most_experts, check_rank_split
 
 
 class LoRAExperts(StackedExperts):
@@ -37,7 +38,8 @@ class LoRAExperts(StackedExperts):
     (``lora_B.weight`` transposed). Init as the release: ``A ~ N(0, init_std)``, ``B = 0`` (every
     expert starts as an exact no-op)."""
 
-    def __init__(self, in_features: int, out_features: int, num_experts: int, rank: int, init_std: float = 0.01):
+    def __init__(self, in_features: int, out_features: int, num_experts: int, rank: int,
+                 init_std: float = CL_MOE.init_std):
         self.in_features, self.out_features, self.rank, self.init_std = in_features, out_features, rank, init_std
         super().__init__(num_experts, {"A": (rank, in_features), "B": (rank, out_features)})
 
@@ -82,7 +84,7 @@ class RoutingState:
     Setting ``task_ids`` or ``beta`` bumps ``version``: layers rebuild their cached mixing terms
     once, not at every decoding step."""
 
-    def __init__(self, beta: float = 0.5):
+    def __init__(self, beta: float = CL_MOE.beta):
         self.active = True
         self._beta, self._task_ids, self.version = beta, None, 0
         self.record = False
@@ -262,17 +264,16 @@ class LoRAMoE:
         self.layers = {}
 
 
-def inject_lora_experts(model: nn.Module, targets: str | Sequence[str], *, num_experts: int = 4, r: int = 32,
-                        alpha: float = 64.0, dropout: float = 0.05, top_k: int | None = None,
-                        init_std: float = 0.01, beta: float = 0.5, exclude: Iterable[str] = ()) -> LoRAMoE:
+def inject_lora_experts(model: nn.Module, targets: str | Sequence[str], *, num_experts: int = CL_MOE.num_experts,
+                        r: int = CL_MOE.r, alpha: float = CL_MOE.alpha, dropout: float = CL_MOE.dropout,
+                        top_k: int | None = CL_MOE.top_k, init_std: float = CL_MOE.init_std,
+                        beta: float = CL_MOE.beta, exclude: Iterable[str] = ()) -> LoRAMoE:
     """Add CL-MoE LoRA experts to every ``nn.Linear`` of ``model`` whose name ``matches`` ``targets``
     and contains none of ``exclude`` (release: q,k,v,o,gate,up,down of every LLM layer; never the
     projector, vision tower or lm_head). ``r`` is the total rank, split evenly (``r % num_experts ==
     0``); scaling ``alpha / r``. Only the experts and routers are trainable afterwards."""
-    if num_experts < 1 or r % num_experts:
-        raise ValueError(f"the total rank r={r} must split evenly over num_experts={num_experts}")
-    if top_k is not None and not 1 <= top_k <= num_experts:
-        raise ValueError(f"top_k must be in [1, num_experts={num_experts}], got {top_k}")
+    check_rank_split(r, num_experts)
+    check_at_most_experts(num_experts, {"top_k": top_k}, minimum=1)
     exclude = tuple(exclude)
     state = RoutingState(beta)
     found = [(n, m) for n, m in model.named_modules()

@@ -13,6 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .settings import MOE_ADAPTERS, check_at_most_experts
+
 _MASKED = -1e9  # logit of an expert hidden from a task (added by ``grow`` after the task); finite: no NaN grads
 
 
@@ -97,11 +99,10 @@ class NoisyTopKRouter(Router):
     here: the MoE-Adapters reference computes it (x0.01) and discards it.
     """
 
-    def __init__(self, d_model: int, num_experts: int, k: int = 2, noise_epsilon: float = 0.01,
+    def __init__(self, d_model: int, num_experts: int, k: int = MOE_ADAPTERS.top_k, noise_epsilon: float = 0.01,
                  aux_loss: bool = True, use_noise: bool = True):
         super().__init__(num_experts)
-        if not 1 <= k <= num_experts:
-            raise ValueError(f"k must be in [1, num_experts={num_experts}], got {k}")
+        check_at_most_experts(num_experts, {"k": k}, minimum=1)
         self.d_model, self.k, self.noise_epsilon, self.aux_loss = d_model, k, noise_epsilon, aux_loss
         self.use_noise = use_noise  # False: noise-free gating in training too
         self.register_parameter("gate", None)
