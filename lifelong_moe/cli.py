@@ -187,13 +187,14 @@ def cmd_bench(a) -> int:
 def cmd_list(a) -> int:
     from .evaluation import metrics
     from .backbones.clip import shipped_model_names
-    from .registry import FAMILIES, STRATEGIES, STREAM_KINDS
+    from .families import FAMILIES
+    from .registry import STRATEGIES, STREAM_KINDS
     from .streams.mtil import NAMED_ORDERS
     from .streams.sources import KNOWN_SOURCES
     from .streams.vqa_sources import KNOWN_VQA_SOURCES
     from .backbones.vlm_tiny import shipped_vlm_names
 
-    print("families:   " + "; ".join(f"{k}: {v}" for k, v in FAMILIES.items()))
+    print("families:   " + "; ".join(f"{k}: {f.description}" for k, f in FAMILIES.items()))
     print("strategies: " + ", ".join(f"{n} ({'/'.join(f)})" for n, f in sorted(STRATEGIES.items())))
     print("streams:    " + ", ".join(STREAM_KINDS) + "   named orders: " + ", ".join(NAMED_ORDERS) + ", vqacl (vqa)")
     print("datasets:   " + ", ".join(KNOWN_SOURCES))
@@ -216,7 +217,8 @@ def parser() -> argparse.ArgumentParser:
     r.add_argument("config")
     r.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. training.epochs=2")
     r.add_argument("-o", "--output", help="results directory (default: output.dir of the config)")
-    r.add_argument("--resume", action="store_true", help="continue a stopped run from its last experience")
+    r.add_argument("--resume", action="store_true", help="continue a stopped run from its last experience "
+                   "(one killed before it saved anything starts from the beginning, and says so)")
     r.add_argument("--overwrite", action="store_true", help="replace an existing run in the output directory")
     r.add_argument("--stop-after", type=int, help="stop after this many experiences (resume later)")
     r.add_argument("--only", help="comma-separated variant names to run")
@@ -248,7 +250,8 @@ def parser() -> argparse.ArgumentParser:
     e.add_argument("-o", "--output", help="results directory (default: output.dir of the config)")
     e.add_argument("--overwrite", action="store_true", help="replace an existing run in the output directory")
     e.add_argument("--resume", action="store_true", help="continue stopped runs: reload the meta-trained weights, "
-                   "keep the finished edit counts (finished runs are left as they are)")
+                   "keep the finished edit counts (finished runs are left as they are; one killed before it saved "
+                   "anything starts from the beginning, and says so)")
     e.add_argument("--only", help="comma-separated variant names to run")
     e.add_argument("-j", "--jobs", type=int, help="variants run at once, one process each (default: runtime.jobs)")
     e.add_argument("-q", "--quiet", action="store_true", help="no per-step logs")
@@ -297,7 +300,7 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse(argv)
     try:
-        if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # torchrun (lifelong_moe/distributed.py)
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # torchrun (lifelong_moe/runtime/distributed.py)
             from .runtime.distributed import stopped_peer
 
             with stopped_peer():  # a lost process becomes one UserError

@@ -6,53 +6,16 @@ and suggests the closest known key for a typo.
 from __future__ import annotations
 
 import copy
-import difflib
 from pathlib import Path
 from typing import Annotated, Any, Literal, Optional, Union
 
 import yaml
-from pydantic import (AfterValidator, BaseModel, ConfigDict, Discriminator, Field, PrivateAttr, Tag, ValidationError,
-                      field_validator, model_validator)
-from pydantic_core import PydanticCustomError
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
 
 from .errors import ConfigError
-
-
-class Strict(BaseModel):
-    """A config section: unknown keys are errors, with a close-match suggestion."""
-
-    model_config = ConfigDict(extra="forbid", validate_default=True)
-
-    @model_validator(mode="before")
-    @classmethod
-    def _unknown_keys(cls, data: Any) -> Any:
-        if isinstance(data, dict):
-            known = set(cls.model_fields)
-            unknown = [k for k in data if k not in known]
-            if unknown:
-                parts = []
-                for key in unknown:
-                    close = difflib.get_close_matches(str(key), sorted(known), n=1, cutoff=0.4)
-                    parts.append(f"unknown key {key!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
-                raise PydanticCustomError(
-                    "unknown_key", "{msg}; known keys: {known}",
-                    {"msg": "; ".join(parts), "known": ", ".join(sorted(known))})
-        return data
-
-
-def _check_template(t: str) -> str:
-    """A prompt template: ``str.format`` with one class name fills exactly one ``{}``."""
-    try:
-        filled = t.format("\0")
-    except (IndexError, KeyError, ValueError) as e:
-        raise ValueError(f"template {t!r} is not a format string with one '{{}}' for the class name ({e})") from None
-    if filled.count("\0") != 1:
-        raise ValueError(f"template {t!r} must hold exactly one '{{}}' (where the class name goes)")
-    return t
-
-
-Template = Annotated[str, AfterValidator(_check_template)]
-PositiveInt = Annotated[int, Field(gt=0)]
+from .families import DEFAULT_FAMILY, FAMILIES, backbone_section
+from .registry import TASK_KINDS, strategy_params_class
+from .schema import PositiveInt, Strict, Template
 
 
 class SplitSizes(Strict):
@@ -73,7 +36,7 @@ class SourceSpec(Strict):
 
 
 class StreamConfig(Strict):
-    kind: Literal["class_incremental", "multi_domain", "vqa"]
+    kind: Literal[tuple(TASK_KINDS)]
     root: Optional[str] = None
     download: bool = False
     test_fraction: float = Field(0.2, gt=0, lt=1)
@@ -113,44 +76,10 @@ class StreamConfig(Strict):
     @property
     def task_kind(self) -> str:
         """What an experience asks: ``classification`` (CLIP streams) or ``vqa`` (answer generation)."""
-        return "vqa" if self.kind == "vqa" else "classification"
+        return TASK_KINDS[self.kind]
 
 
-class BackboneConfig(Strict):
-    """A CLIP backbone as open_clip users name it: ``name`` plus ``pretrained`` (tag or path)."""
-
-    family: Literal["clip"] = "clip"
-    name: str = "lmoe-tiny-vit"
-    pretrained: Optional[str] = None  # open_clip tag, checkpoint path, or "synthetic" (pretrained here, cached)
-    pretrain: Optional[dict[str, Any]] = None  # with pretrained: synthetic, overrides of PretrainConfig
-    # QuickGELU activations (OpenAI's CLIP weights were trained with them); None: decided from the
-    # weights (an open_clip tag trained with QuickGELU, e.g. openai, or a "-quickgelu" model name)
-    quick_gelu: Optional[bool] = None
-    templates: list[Template] = Field(["a photo of a {}."], min_length=1)
-    dataset_templates: bool = True  # prefer a dataset's own templates when it ships some
-    cache_text_features: bool = True
-
-
-class VlmBackboneConfig(Strict):
-    """A generative VLM as Hugging Face users name it: ``name`` is a hub id or a local directory
-    (``from_pretrained``), or a shipped tiny model (``lmoe-tiny-llava``) with ``pretrained: synthetic``
-    (pretrained here on the synthetic world, cached). Nothing is downloaded unless ``download``."""
-
-    family: Literal["vlm"]
-    name: str = "lmoe-tiny-llava"
-    pretrained: Optional[str] = None  # "synthetic" for the shipped tiny model; None: the name's own weights
-    pretrain: Optional[dict[str, Any]] = None  # with pretrained: synthetic, overrides of the VLM pretraining config
-    download: bool = False
-    prompt_template: Optional[str] = None  # None: the model's own ("{question}" is replaced)
-
-
-def _backbone_family(v: Any) -> str:
-    return v.get("family", "clip") if isinstance(v, dict) else getattr(v, "family", "clip")
-
-
-AnyBackbone = Annotated[Union[Annotated[BackboneConfig, Tag("clip")], Annotated[VlmBackboneConfig, Tag("vlm")]],
-                        Discriminator(_backbone_family, custom_error_type="unknown_family",
-                                      custom_error_message="backbone.family must be 'clip' or 'vlm'")]
+AnyBackbone = backbone_section()
 
 
 class OptimizerConfig(Strict):
@@ -258,7 +187,7 @@ class RunConfig(Strict):
     name: str = Field("run", min_length=1)
     seed: int = Field(0, ge=0, lt=2**31)  # numpy seeds are 0..2**32-1; per-experience seeds add to it
     stream: StreamConfig
-    backbone: AnyBackbone = BackboneConfig()
+    backbone: AnyBackbone = FAMILIES[DEFAULT_FAMILY].config()
     strategy: StrategyConfig
     training: TrainingConfig = TrainingConfig()
     evaluation: EvaluationConfig = EvaluationConfig()
@@ -338,7 +267,7 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
 def format_validation_error(err: ValidationError, prefix: str = "") -> str:
     lines = []
     for e in err.errors():
-        raw = [p for i, p in enumerate(e["loc"]) if not (i and e["loc"][i - 1] == "backbone" and p in ("clip", "vlm"))]
+        raw = [p for i, p in enumerate(e["loc"]) if not (i and e["loc"][i - 1] == "backbone" and p in FAMILIES)]
         loc = [f"[{p}]" if isinstance(p, int) else str(p) for p in raw]  # (the family tag is not a key)
         path = ".".join(([prefix] if prefix else []) + loc).replace(".[", "[") or "(top level)"
         msg = e["msg"].removeprefix("Value error, ")
@@ -348,19 +277,19 @@ def format_validation_error(err: ValidationError, prefix: str = "") -> str:
     return "invalid configuration: " + "; ".join(lines)  # one line: the CLI prints it as is
 
 
-def validate(data: dict) -> RunConfig:
-    from .registry import strategy_params_class  # strategies import avalanche: only when needed
+TASK_PHRASES = {"classification": "is classification", "vqa": "asks questions"}
 
+
+def validate(data: dict) -> RunConfig:
     try:
         cfg = RunConfig.model_validate(data)
     except ValidationError as e:
         raise ConfigError(format_validation_error(e)) from None
-    if cfg.stream.task_kind == "vqa" and cfg.backbone.family != "vlm":
-        raise ConfigError(f"stream.kind {cfg.stream.kind!r} asks questions: it needs a generative backbone "
-                          f"(backbone.family: vlm), got backbone.family {cfg.backbone.family!r}")
-    if cfg.stream.task_kind == "classification" and cfg.backbone.family != "clip":
-        raise ConfigError(f"stream.kind {cfg.stream.kind!r} is classification: it needs backbone.family: clip, "
-                          f"got {cfg.backbone.family!r}")
+    family = FAMILIES[cfg.backbone.family]
+    if cfg.stream.task_kind != family.task_kind:
+        answers = [f.name for f in FAMILIES.values() if f.task_kind == cfg.stream.task_kind]
+        raise ConfigError(f"stream.kind {cfg.stream.kind!r} {TASK_PHRASES[cfg.stream.task_kind]}: it needs "
+                          f"backbone.family: {' or '.join(answers)}, got backbone.family {cfg.backbone.family!r}")
     params_cls = strategy_params_class(cfg.strategy.name, cfg.backbone.family)
     try:
         cfg.strategy._params = params_cls.model_validate(cfg.strategy.model_dump())

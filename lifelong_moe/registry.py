@@ -1,27 +1,23 @@
-"""Names a config can use: strategies (per backbone family), stream kinds, backbone families."""
+"""Names a config can use: strategies (per backbone family) and stream kinds."""
 from __future__ import annotations
 
 import difflib
 import importlib
 
 from .errors import ConfigError
+from .families import FAMILIES
 
-# strategy name -> {backbone family: module under lifelong_moe.strategies}; each module defines ``Params``
-# and ``Strategy``. A name that exists for one family only is refused, with a clear error, on the other.
-STRATEGIES: dict[str, dict[str, str]] = {
-    "zeroshot": {"clip": "zeroshot", "vlm": "vlm_zeroshot"},
-    "finetune": {"clip": "finetune"},
-    "lora": {"clip": "lora", "vlm": "vlm_lora"},
-    "lwf": {"clip": "lwf", "vlm": "vlm_lwf"},
-    "ewc": {"clip": "ewc"},
-    "replay": {"clip": "replay", "vlm": "vlm_replay"},
-    "moe_adapters": {"clip": "moe_adapters"},
-    "cl_moe": {"vlm": "cl_moe", "clip": "cl_moe_clip"},
-}
+# strategy name -> {backbone family: module under lifelong_moe.strategies}, from each family's declaration
+# (lifelong_moe.families); each module defines ``Params`` and ``Strategy``. A name that exists for one
+# family only is refused, with a clear error, on the other.
+STRATEGIES: dict[str, dict[str, str]] = {}
+for _family in FAMILIES.values():
+    for _name, _module in _family.strategies.items():
+        STRATEGIES.setdefault(_name, {})[_family.name] = _module
 
-STREAM_KINDS = ["class_incremental", "multi_domain", "vqa"]
-FAMILIES = {"clip": "open_clip CLIP (classification streams)",
-            "vlm": "Hugging Face LLaVA-style generative VLM (vqa streams)"}
+# stream kind -> what its experiences ask; a backbone family answers one task kind
+TASK_KINDS = {"class_incremental": "classification", "multi_domain": "classification", "vqa": "vqa"}
+STREAM_KINDS = list(TASK_KINDS)
 
 
 def _suggest(name: str, known) -> str:

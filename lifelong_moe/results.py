@@ -20,6 +20,7 @@ import json
 import math
 import os
 import socket
+import sys
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -209,9 +210,15 @@ class RunDir:
         self._lock = lock
 
     def acquire(self, cfg: RunConfig, *, resume: bool, overwrite: bool) -> dict:
-        """:meth:`hold`, then :meth:`check_start` again now that no other process can change the directory."""
+        """:meth:`hold`, then :meth:`check_start` again now that no other process can change the directory.
+        A resume with nothing to resume (``{}``) is said on stderr, once per run: the run starts from the
+        beginning."""
         self.hold()
-        return self.check_start(cfg, resume=resume, overwrite=overwrite)
+        state = self.check_start(cfg, resume=resume, overwrite=overwrite)
+        if resume and not state:
+            print(f"--resume: nothing to resume in {self.path} (no results.json): starting from the beginning",
+                  file=sys.stderr, flush=True)
+        return state
 
     def release(self) -> None:
         if self._lock is not None:
@@ -228,36 +235,47 @@ class RunDir:
 
     # ------------------------------------------------------------------------------------ state
     def check_start(self, cfg: RunConfig, *, resume: bool, overwrite: bool) -> dict:
-        """Validate the directory for a new run or a resume; return the saved record (or {})."""
+        """Validate the directory for a new run or a resume; return the saved record, or {} for a run
+        that starts from the beginning: a new run, or a resume with nothing to resume (no directory,
+        or one a run killed before its first results.json left; its config.yaml, if written, must be
+        this configuration's)."""
         if resume and overwrite:
             raise UserError("give one of --resume (continue the run) and --overwrite (start it again), not both")
         rj = self.path / "results.json"
         _writable_dir(self.path)
         self.check_unlocked()
         if resume:
+            if not rj.exists():
+                if (self.path / "config.yaml").exists():
+                    self._check_saved_config(cfg)
+                return {}
             if not rj.is_file():
-                raise UserError(f"--resume: no run to resume at {self.path} (results.json missing)")
+                raise UserError(f"--resume: {rj} is not a file")
             try:
                 state = read_record(rj)
             except UserError as e:
                 raise UserError(f"--resume: {e}") from None
-            cy = self.path / "config.yaml"
-            try:
-                saved = yaml.safe_load(cy.read_text(encoding="utf-8"))
-            except (OSError, UnicodeDecodeError, yaml.YAMLError) as e:
-                raise UserError(f"--resume: cannot read the saved configuration {cy}: "
-                                f"{' '.join(str(e).split())}") from None
-            if not isinstance(saved, dict):
-                raise UserError(f"--resume: {cy} does not hold a configuration (a mapping of keys)")
-            now = cfg.to_dict()
-            diff = sorted(k for k in set(saved) | set(now) if saved.get(k) != now.get(k) and k not in ("output", "runtime", "logging"))
-            if diff:
-                raise UserError(f"--resume: the configuration differs from the saved run in: {', '.join(diff)}")
+            self._check_saved_config(cfg)
             return state
         if rj.exists() and not overwrite:
             raise UserError(f"{self.path} already holds a run; use --resume to continue it "
                             f"or --overwrite to start again")
         return {}
+
+    def _check_saved_config(self, cfg: RunConfig) -> None:
+        """Refuse to resume a directory whose config.yaml is not ``cfg`` (output, runtime, logging aside)."""
+        cy = self.path / "config.yaml"
+        try:
+            saved = yaml.safe_load(cy.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, yaml.YAMLError) as e:
+            raise UserError(f"--resume: cannot read the saved configuration {cy}: "
+                            f"{' '.join(str(e).split())}") from None
+        if not isinstance(saved, dict):
+            raise UserError(f"--resume: {cy} does not hold a configuration (a mapping of keys)")
+        now = cfg.to_dict()
+        diff = sorted(k for k in set(saved) | set(now) if saved.get(k) != now.get(k) and k not in ("output", "runtime", "logging"))
+        if diff:
+            raise UserError(f"--resume: the configuration differs from the saved run in: {', '.join(diff)}")
 
     def start(self, cfg: RunConfig, record: dict) -> None:
         self.path.mkdir(parents=True, exist_ok=True)

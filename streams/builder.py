@@ -18,6 +18,7 @@ import numpy as np
 from torch.utils.data import Dataset, Subset
 
 from ..config import SourceSpec, StreamConfig
+from ..registry import TASK_KINDS
 from ..data import ClassificationData, LabelSpace, QAData, QATask, TaskInfo
 from .transforms import ImageTransform, prepare, transformed
 
@@ -45,7 +46,7 @@ class Stream:
 
     @property
     def task_kind(self) -> str:
-        return "vqa" if self.kind == "vqa" else "classification"
+        return TASK_KINDS[self.kind]
 
     def describe(self) -> list[dict]:
         return [t.describe() for t in self.tasks]

@@ -1,4 +1,4 @@
-"""Data-parallel runs (lifelong_moe/distributed.py) on the CPU with gloo and 2 processes: the sharded
+"""Data-parallel runs (lifelong_moe/runtime/distributed.py) on the CPU with gloo and 2 processes: the sharded
 order is the single-process one, the gradient reduction is a weighted mean, a torchrun run keeps both
 ranks' trainable state identical after every experience and agrees with the single-process run at
 the same global batch, MoE-Adapters freezes the same experts on every rank, and a killed or stalled

@@ -34,7 +34,7 @@ def test_same_strategy_name_resolves_per_family(tmp_path):
                                           "backbone.family 'vlm'"),
     (VQA, ["strategy.name=finetune"], "strategies for 'vlm': "),
     (VQA, ["backbone.family=clip", "backbone.name=lmoe-tiny-vit"], "stream.kind 'vqa' asks questions: it needs "
-                                                                   "a generative backbone (backbone.family: vlm)"),
+                                                                   "backbone.family: vlm, got backbone.family 'clip'"),
     (CLS, ["backbone.family=vlm"], "stream.kind 'class_incremental' is classification: it needs backbone.family: clip"),
     (CLS, ["backbone.family=llm"], "backbone.family must be 'clip' or 'vlm'"),
     (VQA, ["backbone.templates=[x]"], "backbone: unknown key 'templates'"),
@@ -55,3 +55,18 @@ def test_every_registered_module_defines_params_and_strategy():
         m = importlib.import_module(f"lifelong_moe.strategies.{module}")
         assert hasattr(m, "Params") and hasattr(m, "Strategy"), module
     assert {f for per in STRATEGIES.values() for f in per} == {"clip", "vlm"}
+
+
+def test_each_family_declares_what_its_strategies_build_on_and_its_stream_kind():
+    from lifelong_moe.families import FAMILIES
+    from lifelong_moe.families.base import resolve
+    from lifelong_moe.registry import TASK_KINDS, strategy_class
+
+    for name, family in FAMILIES.items():
+        assert family.task_kind in TASK_KINDS.values()
+        assert family.config.model_validate({"family": name}).family == name
+        base = family.base_strategy_class()
+        for strategy in family.strategies:
+            assert issubclass(strategy_class(strategy, name), base), (name, strategy)
+        for ref in (family.loader, family.prepare, family.evaluator):
+            assert callable(resolve(ref)), ref

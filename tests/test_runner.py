@@ -100,11 +100,6 @@ def test_resume_with_changed_config_is_refused(tmp_path):
         run(changed, out, resume=True, progress=False, log=lambda *_: None)
 
 
-def test_resume_without_a_run(tmp_path):
-    with pytest.raises(UserError, match="no run to resume"):
-        run(cfg(), tmp_path / "none", resume=True, progress=False)
-
-
 def test_missing_dataset_fails_before_writing(tmp_path):
     bad = tiny_config({"name": "finetune"}, stream__dataset="cifar10", stream__root=str(tmp_path / "data"))
     with pytest.raises(UserError, match="cifar10.*download"):

@@ -1,4 +1,4 @@
-"""The VLM backbone (lifelong_moe/vlm.py): tokenizer, open_clip -> transformers vision tower,
+"""The VLM backbone (lifelong_moe/backbones/vlm.py): tokenizer, open_clip -> transformers vision tower,
 token spans, teacher forcing vs generation, freezing, loading by directory / hub id."""
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""VQA v2 normalisation, exact match and soft accuracy on hand-made cases (lifelong_moe/vqa_metrics.py)."""
+"""VQA v2 normalisation, exact match and soft accuracy on hand-made cases (lifelong_moe/evaluation/vqa_metrics.py)."""
 import pytest
 
 from lifelong_moe.evaluation.vqa_metrics import CONTRACTIONS, exact_match, normalize_answer, vqa_accuracy, vqa_scores

@@ -1,4 +1,5 @@
-"""Backbone families: how a config's ``backbone`` section becomes a model, and which images it eats.
+"""How a config's ``backbone`` section becomes a frozen model, and which images it eats (the loaders
+that :mod:`lifelong_moe.families` names).
 
 ``clip``: a frozen open_clip CLIP with its prompt classifier (:class:`lifelong_moe.backbones.clip.ClipClassifier`).
 ``vlm``: a frozen Hugging Face LLaVA-style generative VLM (:class:`lifelong_moe.backbones.vlm.VisionLanguageModel`).
@@ -51,18 +52,21 @@ def load_vlm(name: str, pretrained: str | None = None, *, pretrain: dict | None 
                                            download=download, prompt_template=prompt_template, dtype=dtype)
 
 
-def build_backbone(b, progress: bool = True):
-    """The frozen backbone a ``backbone`` config section names (every failure is a UserError)."""
-    if b.family == "vlm":
-        return load_vlm(b.name, b.pretrained, pretrain=b.pretrain, download=b.download,
-                        prompt_template=b.prompt_template, progress=progress)
+def build_clip(b, progress: bool = True):
+    """The ``clip`` family's loader: a validated ``backbone`` section -> :class:`~.clip.ClipClassifier`."""
     return load_clip(b.name, b.pretrained, cache_text=b.cache_text_features, pretrain=b.pretrain,
                      progress=progress, quick_gelu=b.quick_gelu)
 
 
-def prepare_assets(b, progress: bool = True) -> None:
-    """Pretrain (or find cached) the embedded backbone a config names, so that parallel variants
-    find it ready instead of each training it."""
+def build_vlm(b, progress: bool = True):
+    """The ``vlm`` family's loader: a validated ``backbone`` section -> :class:`~.vlm.VisionLanguageModel`."""
+    return load_vlm(b.name, b.pretrained, pretrain=b.pretrain, download=b.download,
+                    prompt_template=b.prompt_template, progress=progress)
+
+
+def prepare_embedded(b, progress: bool = True) -> None:
+    """Pretrain (or find cached) the embedded backbone a ``backbone`` section names, so that parallel
+    variants find it ready instead of each training it."""
     if b.pretrained == SYNTHETIC:
         resolve_embedded(b.family, b.name, b.pretrained, b.pretrain, progress)
 

@@ -11,9 +11,10 @@ from typing import Any, Literal, Optional
 
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, model_validator
 
-from ..config import (OutputConfig, RuntimeConfig, Strict, VlmBackboneConfig, expand_variants,
+from ..config import (OutputConfig, RuntimeConfig, Strict, expand_variants,
                       format_validation_error, read_yaml_tree)
 from ..errors import ConfigError
+from ..families.vlm import VlmBackboneConfig
 from .registry import validate_method
 
 

@@ -1,8 +1,8 @@
 """Evaluation: one row of the accuracy matrix = a strategy scored on every test experience.
 
-``Evaluator.score`` is the unit a new task family replaces: classification scores argmax accuracy
-over the classes in play; a VQA stream will score answer match, an edit stream edit success, and
-the runner, matrix and metrics stay the same.
+``Evaluator.score`` is the unit a new backbone family replaces (its ``evaluator`` in
+:mod:`lifelong_moe.families`): classification scores argmax accuracy over the classes in play, the
+VQA evaluator (:mod:`.vqa_evaluator`) answer match, and the runner, matrix and metrics stay the same.
 """
 from __future__ import annotations
 
@@ -13,15 +13,6 @@ from tqdm.auto import tqdm
 from ..runtime import distributed
 from ..config import EvaluationConfig
 from ..streams.builder import Stream, eval_classes
-
-
-def make_evaluator(stream: Stream, cfg: EvaluationConfig, progress: bool = True):
-    """The evaluator of the stream's task kind (classification accuracy, VQA answer accuracy)."""
-    if stream.task_kind == "vqa":
-        from .vqa_evaluator import VqaEvaluator
-
-        return VqaEvaluator(stream, cfg, progress)
-    return ClassificationEvaluator(stream, cfg, progress)
 
 
 class ClassificationEvaluator:

@@ -140,6 +140,7 @@ def _run(cfg: EditConfig, run_dir: R.RunDir, *, resume: bool, overwrite: bool, l
                         f"the data has {len(evals)}")
     editor.records(evals)  # validate every record (e.g. images the method needs) before writing
     state = run_dir.acquire(cfg, resume=resume, overwrite=overwrite)
+    resume = bool(state)  # {}: a new run, or --resume with nothing to resume (acquire said so): from the beginning
     k = ev.matrix_chunks
     bounds = [round(i * biggest / k) for i in range(k + 1)]
     parts = list(zip(bounds[:-1], bounds[1:]))

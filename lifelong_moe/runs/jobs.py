@@ -45,10 +45,10 @@ def start_early() -> None:
 
 def prepare_assets(configs: list[RunConfig], progress: bool = True) -> None:
     """Pretrain (or find cached) every synthetic backbone the configs name, in this process."""
-    from ..backbones.factory import prepare_assets as prepare
+    from ..families import family_of
 
     for cfg in configs:  # trains on the first call, finds the cached copy after
-        prepare(cfg.backbone, progress=progress)
+        family_of(cfg.backbone).prepare_assets(cfg.backbone, progress=progress)
 
 
 def cost(cfg: RunConfig) -> float:

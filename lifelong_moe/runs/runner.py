@@ -19,7 +19,7 @@ from .. import results as R
 from ..config import RunConfig
 from ..runtime.device import check_precision, describe_device, resolve_device
 from ..errors import UserError
-from ..evaluation.evaluator import make_evaluator
+from ..families import family_of
 from ..registry import strategy_class
 from ..runtime.threads import torch_threads
 from .trackers import Trackers
@@ -50,12 +50,13 @@ def resolve_runtime(cfg: RunConfig) -> torch.device:
 
 def build(cfg: RunConfig, progress: bool = True):
     """Backbone, stream, strategy, evaluator; raises UserError on bad input, writes nothing."""
-    from ..backbones.factory import build_backbone, image_transform
+    from ..backbones.factory import image_transform
     from ..streams.builder import build_stream
 
     device = distributed.setup(resolve_runtime(cfg))  # an unavailable device fails first; torchrun: this rank's
     seed_everything(cfg.seed)
-    model = build_backbone(cfg.backbone, progress)
+    family = family_of(cfg.backbone)
+    model = family.load(cfg.backbone, progress)
     try:
         stream = build_stream(cfg.stream, image_transform(model, cfg.training.augment), cfg.seed)
     except (ValueError, FileNotFoundError) as e:
@@ -69,14 +70,14 @@ def build(cfg: RunConfig, progress: bool = True):
                    precision=cfg.runtime.precision, progress=progress)
     strategy.train_datasets = [e.dataset for e in stream.train_stream]
     distributed.check_batch(cfg.training.batch_size, [len(d) for d in strategy.train_datasets])
-    return stream, strategy, make_evaluator(stream, cfg.evaluation, progress)
+    return stream, strategy, family.make_evaluator(stream, cfg.evaluation, progress)
 
 
 def run(cfg: RunConfig, out: str | Path | None = None, *, resume: bool = False, overwrite: bool = False,
         stop_after: int | None = None, progress: bool = True, log=print) -> Path:
     """Run (or resume) one configuration; return the results directory."""
     run_dir = R.RunDir(output_dir(cfg, out))
-    if distributed.launched():  # torchrun: rank 0 checks, locks and writes (lifelong_moe/distributed.py)
+    if distributed.launched():  # torchrun: rank 0 checks, locks and writes (lifelong_moe/runtime/distributed.py)
         run_dir = distributed.MainRunDir(run_dir, distributed.setup(resolve_runtime(cfg)))
         progress, log = progress and distributed.is_main(), log if distributed.is_main() else (lambda *_: None)
     with torch_threads(cfg.runtime.threads), run_dir.releasing(), Trackers(cfg) as trackers:  # lock, trackers: end with the run
@@ -90,6 +91,7 @@ def _run(cfg: RunConfig, run_dir: R.RunDir, *, resume, overwrite, stop_after, pr
     t0 = time.perf_counter()
     stream, strategy, evaluator = build(cfg, progress)
     state = run_dir.acquire(cfg, resume=resume, overwrite=overwrite)  # one process per directory, checked again
+    resume = bool(state)  # {}: a new run, or --resume with nothing to resume (acquire said so): from the beginning
     timings = state.get("timings") or {"setup_s": 0.0, "zero_shot_eval_s": None, "experiences": []}
     timings["setup_s"] = round(time.perf_counter() - t0, 3)
     timings["torch_threads"] = torch.get_num_threads()
