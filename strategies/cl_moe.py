@@ -7,20 +7,24 @@ Per task t (Alg. of the paper; the release's ``Train.sh``):
 1. theta_{t-1} <- the experts as they stand (snapshot).
 2. Train experts and instance routers on task t (answer cross-entropy, no auxiliary loss): every
    targeted linear computes ``W0 x + (alpha/r) sum_i G^I(x)_i B_i A_i Drop(x)`` (RMoE, instance level;
-   dense softmax by default, the release's choice, or top-k). The result is phi_t.
+   dense softmax by default, the release's choice, or top-k). With ``train_projector`` (default, the
+   release) the vision-language projector trains too, with the same optimizer and learning rate. The
+   result is phi_t.
 3. Statistics pass over task t's training data (no grad): per layer, how often each expert is in the
    top-``usage_top_k`` of the instance router; the ``task_experts`` most used define task t's
-   expert set and its task gate G^T(t) (their normalised frequencies). In the same pass, the frozen
-   backbone's features of each input (the LLM's input embeddings, i.e. the frozen vision tower +
-   projector and word embeddings, mean-pooled over image tokens and over question tokens, each half
-   L2-normalised) give task t's prototype: centre and radius (Sec. 4.2, Eq. 7-8).
+   expert set and its task gate G^T(t) (their normalised frequencies). In the same pass, frozen
+   features of each input give task t's prototype, centre and radius (Sec. 4.2, Eq. 7-8): the frozen
+   vision tower's output (the projector's input) mean-pooled over the image's patches, and the frozen
+   word embeddings mean-pooled over the question tokens, each half L2-normalised.
 4. MMoE (t > 0): theta_t = lambda_i theta_{t-1} + (1 - lambda_i) phi_t per expert, lambda_i from the
-   expert's role (task t's set vs the union of the earlier tasks' sets). Routers keep phi_t.
+   expert's role: task t's set against task t-1's (``previous_experts: last_task``, the release's
+   ``params.py``) or against the union of all earlier tasks' sets (``all_earlier``). Routers and the
+   projector keep phi_t (the release merges only the experts' A and B).
 
 At test time (``task_router: paper``) the prototypes infer each input's task t^ inside the forward
-pass (a pre-hook on the first decoder layer, where the frozen input embeddings are: no extra pass),
-and every layer mixes ``beta G^I(x) + (1 - beta) G^T(t^)``; an input outside every prototype's radius
-uses G^I alone. Switches (YAML ``strategy:``):
+pass (hooks on the projector and on the first decoder layer: no extra pass), and every layer mixes
+``beta G^I(x) + (1 - beta) G^T(t^)``; an input outside every prototype's radius uses G^I alone.
+Switches (YAML ``strategy:``):
 
 - ``task_router: paper | reference | off``: ``reference`` is the release (task gates computed from the
   statistics and recorded, no test-time mixing, no prototypes); ``off`` computes no task gates.
@@ -28,6 +32,10 @@ uses G^I alone. Switches (YAML ``strategy:``):
 - ``merge: paper | reference_uniform | off``: ``paper`` uses the role -> lambda map ``lambdas``
   (default: the release's ``params.py`` values), ``reference_uniform`` lambda = 0.7 for every expert
   (what the release reduces to once its key bug is fixed), ``off`` keeps phi_t (no MMoE).
+- ``previous_experts: last_task | all_earlier``: which earlier tasks' expert sets make an expert
+  ``previous`` (the release: task t-1's only).
+- ``train_projector: true | false`` (VLM only): train the projector with the experts (the release) or
+  keep it frozen.
 """
 from __future__ import annotations
 
@@ -78,6 +86,8 @@ class ClMoEParams(StrategyParams):
     prototype_rule: Literal["nearest", "normalized"] = "nearest"
     merge: Literal["paper", "reference_uniform", "off"] = "paper"
     lambdas: Lambdas = Lambdas()
+    # an expert is "previous" if in task t-1's set (release, params.py:28-32) / any earlier task's set
+    previous_experts: Literal["last_task", "all_earlier"] = CL_MOE.previous_experts
 
     @field_validator("task_router", "merge", mode="before")
     @classmethod
@@ -87,6 +97,8 @@ class ClMoEParams(StrategyParams):
 
 class Params(ClMoEParams):
     targets: list[Literal[LLM_LINEARS]] = Field(default_factory=lambda: list(LLM_LINEARS), min_length=1)
+    # the release trains LLaVA's mm_projector with the experts (same AdamW group and lr, see docs)
+    train_projector: bool = CL_MOE.train_projector
 
 
 ROLE_CODE = {r: i for i, r in enumerate(ROLES)}
@@ -168,9 +180,13 @@ class ClMoEMethod:
         self.trained_count += 1
 
     def merge_experts(self, index: int) -> None:
-        """Step 4 (MMoE): per layer and expert, lambda from the expert's role."""
+        """Step 4 (MMoE): per layer and expert, lambda from the expert's role, task ``index``'s set
+        against the previous task's (``last_task``, the release's ``params.py:28-32``) or against the
+        union of every earlier task's (``all_earlier``)."""
         p, lam_of = self.params, self.lambdas()
         earlier = [self.usage_log[t] for t in sorted(self.usage_log) if t < index]
+        if p.previous_experts == "last_task":
+            earlier = earlier[-1:]
         lambdas, roles = {}, {}
         for name, counts in self.usage_log[index].items():
             new = top_set(counts, p.task_experts)
@@ -208,6 +224,11 @@ class ClMoEMethod:
     def layer_key(self, name: str) -> str:
         return name
 
+    def switches(self) -> dict:
+        p = self.params
+        return {"task_router": p.task_router, "merge": p.merge, "previous_experts": p.previous_experts,
+                "beta": p.beta, "top_k": p.top_k, "num_experts": p.num_experts, "r": p.r, "lambdas": self.lambdas()}
+
     def extra_results(self) -> dict:
         names = [t.name for t in self.tasks]
         key = self.layer_key
@@ -225,8 +246,7 @@ class ClMoEMethod:
             for t in sorted(self.usage_log):
                 gates[names[t]] = {key(n): m.task_gates[t].tolist() for n, m in self.moe.layers.items()}
         return {"cl_moe": {
-            "switches": {"task_router": p.task_router, "merge": p.merge, "beta": p.beta, "top_k": p.top_k,
-                         "num_experts": p.num_experts, "r": p.r, "lambdas": self.lambdas()},
+            "switches": self.switches(),
             "usage": {names[t]: {key(n): v.tolist() for n, v in u.items()} for t, u in sorted(self.usage_log.items())},
             "task_gates": gates,
             "prototypes": {names[i]: s for i, s in enumerate(self.prototypes.summary())} if self.prototypes else {},
@@ -292,19 +312,23 @@ class ClMoEMethod:
 
 
 class FirstLayerProbe:
-    """Forward pre-hook on the LLM's first decoder layer: its input is the frozen backbone's input
-    embeddings (vision tower + projector for image tokens, word embeddings for text). When masks are
-    pending for a pass of matching shape, the pooled features go to ``callback`` before any adapted
-    layer runs; decoding steps (one new token) find nothing pending."""
+    """Frozen features of the inputs in the forward pass, for the task prototypes: the frozen vision
+    tower's output (the projector's input, read by :meth:`read_vision`, a pre-hook on the projector)
+    mean-pooled over each image's patches, and the first decoder layer's input (the frozen word
+    embeddings) mean-pooled over the question tokens; each half L2-normalised. Both are frozen whether
+    or not the projector trains. When masks are pending for a pass of matching shape, the features go
+    to ``callback`` before any adapted layer runs; decoding steps (one new token) find nothing pending."""
 
-    def __init__(self, callback, image_token_id: int):
-        self.callback, self.image_token_id = callback, image_token_id
+    def __init__(self, callback, image_token_id: int, vision_dim: int):
+        self.callback, self.image_token_id, self.vision_dim = callback, image_token_id, vision_dim
         self.pending: tuple[torch.Tensor, torch.Tensor] | str | None = None
+        self.vision: torch.Tensor | None = None  # [images, vision_dim] of the pending pass
 
     def expect(self, image_mask: torch.Tensor | None = None, text_mask: torch.Tensor | None = None) -> None:
         """Pool the next pass over these token masks; without masks, over the prompt the next
         multi-token pass's ``input_ids`` / ``attention_mask`` hold (generation's prefill)."""
         self.pending = "inputs" if image_mask is None else (image_mask, text_mask)
+        self.vision = None
 
     def read_inputs(self, module, args, kwargs):
         """Forward pre-hook on the LLaVA model: masks from the prompt being prefilled."""
@@ -315,15 +339,22 @@ class FirstLayerProbe:
             self.pending = (image, valid & ~image)
         return None
 
+    def read_vision(self, module, args, kwargs):
+        """Forward pre-hook on the projector: its input [images, patches, vision_dim] is the frozen
+        vision tower's output, pooled over the patches (generation may encode the images before the
+        prefill's forward pass, while the masks are still to be read)."""
+        if self.pending is not None:
+            x = args[0] if args else next(iter(kwargs.values()))
+            if x.dim() != 3:
+                raise ValueError(f"task prototypes expect projector input [images, patches, dim], got {list(x.shape)}")
+            self.vision = torch.nn.functional.normalize(x.float().mean(1), dim=-1)
+        return None
+
     @staticmethod
-    def pool(h: torch.Tensor, image_mask: torch.Tensor, text_mask: torch.Tensor) -> torch.Tensor:
-        """[B, 2D]: mean over image tokens and mean over question tokens, each L2-normalised."""
-        halves = []
-        for mask in (image_mask, text_mask):
-            m = mask.to(h.device, torch.float32).unsqueeze(-1)
-            mean = (h.float() * m).sum(1) / m.sum(1).clamp_min(1)
-            halves.append(torch.nn.functional.normalize(mean, dim=-1))
-        return torch.cat(halves, dim=-1)
+    def pool(h: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """[B, D]: the mean of ``h`` over the tokens of ``mask``, L2-normalised."""
+        m = mask.to(h.device, torch.float32).unsqueeze(-1)
+        return torch.nn.functional.normalize((h.float() * m).sum(1) / m.sum(1).clamp_min(1), dim=-1)
 
     def __call__(self, module, args, kwargs):
         if not isinstance(self.pending, tuple):
@@ -332,9 +363,22 @@ class FirstLayerProbe:
         image_mask, text_mask = self.pending
         if tuple(h.shape[:2]) != tuple(image_mask.shape):
             return None
-        self.pending = None
-        self.callback(self.pool(h, image_mask, text_mask))
+        self.pending, vision, self.vision = None, self.vision, None
+        if vision is None:  # text-only prompts: no image, a zero image half
+            vision = torch.zeros(h.shape[0], self.vision_dim)
+        elif vision.shape[0] != h.shape[0]:
+            raise ValueError(f"task prototypes take one image per question: {vision.shape[0]} images "
+                             f"for {h.shape[0]} questions")
+        self.callback(torch.cat([vision.to(h.device), self.pool(h, text_mask)], dim=-1))
         return None
+
+
+def find_projector(model) -> torch.nn.Module:
+    """The VLM's vision-language projector (LLaVA's ``multi_modal_projector`` / ``mm_projector``)."""
+    found = [m for n, m in model.model.named_modules() if n.split(".")[-1] in ("multi_modal_projector", "mm_projector")]
+    if len(found) != 1:
+        raise UserError(f"CL-MoE: expected one vision-language projector in the VLM, found {len(found)}")
+    return found[0]
 
 
 class Strategy(ClMoEMethod, VlmStrategy):
@@ -343,8 +387,12 @@ class Strategy(ClMoEMethod, VlmStrategy):
 
     def setup(self, model) -> None:
         self._net = model  # Avalanche sets self.model only after setup
-        self.setup_cl_moe(model, 2 * model.language_model.config.hidden_size)
-        self._probe = FirstLayerProbe(self._on_features, model.image_token_id)
+        self._projector = find_projector(model)
+        vision_dim = next(m for m in self._projector.modules() if isinstance(m, torch.nn.Linear)).in_features
+        self.setup_cl_moe(model, vision_dim + model.language_model.config.hidden_size)
+        self._projector.requires_grad_(self.params.train_projector)  # the release trains it
+        self._probe = FirstLayerProbe(self._on_features, model.image_token_id, vision_dim)
+        self._projector.register_forward_pre_hook(self._probe.read_vision, with_kwargs=True)
         model.decoder_layers[0].register_forward_pre_hook(self._probe, with_kwargs=True)
         llava = next(m for m in model.model.modules() if getattr(m, "language_model", None) is model.language_model)
         llava.register_forward_pre_hook(self._probe.read_inputs, with_kwargs=True)  # sees input_ids
@@ -357,6 +405,14 @@ class Strategy(ClMoEMethod, VlmStrategy):
         parts = name.split(".")
         i = parts.index("layers")
         return f"{parts[i + 1]}.{parts[-1]}"
+
+    def switches(self) -> dict:
+        return {**super().switches(), "train_projector": self.params.train_projector}
+
+    def parameter_counts(self) -> dict[str, int]:
+        counts = super().parameter_counts()
+        counts["projector"] = sum(p.numel() for p in self._projector.parameters() if p.requires_grad)
+        return counts
 
     def _on_features(self, feats: torch.Tensor) -> None:
         if self.moe.state.record:

@@ -47,6 +47,8 @@ def test_prototypes_pick_the_domain_and_mixing_is_per_sample(domains):
     assert rec["task_inference"]["1"][names[0]]["accuracy"] == 1.0
     assert rec["task_inference"]["1"][names[1]]["accuracy"] == 1.0
     assert rec["merge"][names[1]]["merged_tensors"] == 16 * 4 * 2
+    assert rec["switches"]["previous_experts"] == "last_task"  # the release's rule, as on the VLM
+    assert "train_projector" not in rec["switches"] and "projector" not in rec["params"]  # CLIP has none
     xa = torch.stack([stream.test_stream[0].dataset[i][0] for i in range(4)])
     xb = torch.stack([stream.test_stream[1].dataset[i][0] for i in range(4)])
     task = stream.tasks[0]
@@ -72,6 +74,14 @@ def test_cl_moe_runs_on_class_incremental_digits_and_resumes_its_state():
     x = torch.stack([stream.test_stream[1].dataset[i][0] for i in range(5)])
     task = stream.tasks[1]
     assert torch.equal(fresh.eval_logits(x, task, [0, 1, 2]), s.eval_logits(x, task, [0, 1, 2]))
+
+
+def test_the_projector_switch_is_vlm_only():
+    from lifelong_moe.config import ConfigError
+
+    with pytest.raises(ConfigError, match="train_projector"):
+        tiny_config({**SMALL, "train_projector": False})
+    assert tiny_config({**SMALL, "previous_experts": "all_earlier"}).strategy_params().previous_experts == "all_earlier"
 
 
 def test_shipped_config_is_the_quickstart_with_the_four_variants():

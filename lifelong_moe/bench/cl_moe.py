@@ -43,7 +43,8 @@ def cl_moe_cost(batch: int = 32, infer_batch: int = 64, max_new_tokens: int = 4,
     from ..moe.lora_experts import task_gate
 
     torch.set_num_threads(threads)
-    stream, clmoe = _strategy("cl_moe", {"num_experts": num_experts, "r": r, "alpha": 2.0 * r}, batch, seed)
+    stream, clmoe = _strategy("cl_moe", {"num_experts": num_experts, "r": r, "alpha": 2.0 * r, "train_projector": False},
+                              batch, seed)  # like for like: LoRA trains no projector
     _, lora = _strategy("lora", {"r": r, "alpha": 2.0 * r, "dropout": 0.05}, batch, seed)
     task = stream.tasks[0]
     data = stream.train_stream[0].dataset

@@ -3,10 +3,14 @@
     theta_t = lambda_i * theta_{t-1} + (1 - lambda_i) * phi_t      per expert i (all its tensors),
 
 with theta_{t-1} the experts before task t, phi_t after training on it, and lambda_i chosen from
-expert i's role: used by the new task only, by previous tasks only, by both, or by neither ("used":
-among a task's top experts in that layer, :func:`~lifelong_moe.moe.lora_experts.top_set`).
+expert i's role in its layer: used by the new task only (``new``), by the previous task(s) only
+(``previous``), by both, or by neither ("used": among a task's top experts in that layer,
+:func:`~lifelong_moe.moe.lora_experts.top_set`). Which earlier tasks count as previous is the
+caller's choice: the release's ``params.py:28-32`` compares task t's set with task t-1's only
+(its ``exclusive`` experts, in index_{t-1} but not in index_t, get 0.3); the union of every earlier
+task's set is a variant of ours (CL-MoE's ``previous_experts: last_task`` (default) ``| all_earlier``).
 
-Default lambdas: the release's ``params.py`` (0.3 for experts top for the previous tasks but not the
+Default lambdas: the release's ``params.py`` (0.3 for experts top for the previous task but not the
 new one, 0.7 otherwise); ``UNIFORM`` = 0.7 everywhere, what the release's settings reduce to once
 its key bug is fixed. The release's merge silently touched nothing (its keys never matched): this
 merge counts the tensors it merged and raises unless that is exactly the expected number.
@@ -24,7 +28,8 @@ UNIFORM_LAMBDAS = dict.fromkeys(ROLES, 0.7)
 
 
 def expert_roles(new: set[int], previous: set[int], num_experts: int) -> list[str]:
-    """Each expert's role from the sets of experts the new task and the previous tasks use."""
+    """Each expert's role from the set of experts the new task uses and the set counted as previous
+    (the release: task t-1's; or the union of all earlier tasks')."""
     roles = []
     for i in range(num_experts):
         a, b = i in new, i in previous

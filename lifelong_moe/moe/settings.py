@@ -8,7 +8,9 @@ The two methods' defaults differ because their papers' do; neither restates the 
   (output scale 0.1, dropout 0.1), each sample routed to its top 2 (noisy top-k router).
 - CL-MoE (Huai et al., CVPR 2025), the release's ``--lora_r 32 --lora_alpha 64 --expert_num 4``:
   4 LoRA experts sharing the total rank 32 (scaling alpha / r), dropout 0.05 on their input,
-  A ~ N(0, 0.01), dense instance routing (no top-k), instance-gate weight beta 0.5 at test time.
+  A ~ N(0, 0.01), dense instance routing (no top-k), instance-gate weight beta 0.5 at test time; the
+  momentum merge's "previous" experts are task t-1's (``params.py``), and on a VLM the projector trains
+  with the experts (the release's ``llava_arch.py`` makes ``mm_projector`` trainable after the LoRA wrap).
 """
 from __future__ import annotations
 
@@ -34,6 +36,8 @@ class ClMoEDefaults:
     init_std: float = 0.01
     top_k: Optional[int] = None  # None: dense softmax over all experts
     beta: float = 0.5
+    previous_experts: str = "last_task"  # or "all_earlier" (the union of every earlier task's set)
+    train_projector: bool = True  # VLM only
 
 
 MOE_ADAPTERS = MoEAdaptersDefaults()
