@@ -8,6 +8,7 @@ any tensor created on the CPU where the model's device was meant (a ``torch.zero
 tensor in an op and raises, as it would on a GPU. Where torch sees a GPU, the same test also runs on
 CUDA, and a few end-to-end runs on the GPU are added.
 """
+import contextlib
 import json
 
 import pytest
@@ -94,63 +95,90 @@ REF = dict(stream__classes_per_experience=[4, 3, 3], stream__num_experiences=Non
            training__epochs=3, training__optimizer={"lr": 3e-3})
 REF_MOE = {"num_experts": 4, "bottleneck": 8,
            "ddas": {"iterations": 30, "reference_iterations": 30, "reference_samples": 64}}
-THIRD = 1 / 3
-# Recorded with the code before runtime.device / runtime.precision existed (commit cb7704b): the
-# matrix, and the sum, 18th and last of the 48 logged training losses (6 decimals each). fp32 sums
-# round differently on another CPU's kernels (MKL's AVX2 path on an AMD EPYC flips one lora test
-# sample and moves losses by 4e-6), so there is one set per machine kind the old commit was run on;
-# the run must reproduce one of them. On a new kind of machine, record its set by running the
-# configuration below with commit cb7704b.
-BEFORE = {
-    "lora": {
-        "first build machine": ([[0.25, THIRD, THIRD], [0.2916666666666667, THIRD, THIRD],
-                                 [0.25, 0.6111111111111112, THIRD]], (58.640629, 1.389483, 1.097203)),
-        "AMD EPYC, AVX2": ([[0.25, THIRD, THIRD], [0.2916666666666667, THIRD, THIRD],
-                            [0.25, 0.5555555555555556, THIRD]], (58.640628, 1.389483, 1.097203)),
-    },
-    "moe_adapters": {
-        "first build machine": ([[0.25, THIRD, THIRD]] * 3, (59.656728, 1.415654, 0.995023)),
-        "AMD EPYC, AVX2": ([[0.25, THIRD, THIRD]] * 3, (59.65674, 1.41565, 0.995021)),
-    },
-}
 
 
-def reproduces(matrix, ls, reference) -> bool:
-    ref_matrix, (total, at18, last) = reference
-    return (matrix == ref_matrix and len(ls) == 48 and (ls[17], ls[-1]) == pytest.approx((at18, last), abs=2e-6)
-            and sum(ls) == pytest.approx(total, abs=1e-4))
+class PlainSteps:
+    """The training step from before runtime.precision existed (Avalanche's): ``loss.backward()`` and
+    ``optimizer.step()``, no loss scaler in between."""
+
+    def scale(self, loss):
+        return loss
+
+    def step(self, optimizer):
+        optimizer.step()
+
+    def update(self):
+        pass
+
+    def is_enabled(self):
+        return False
+
+
+def without_device_plumbing(monkeypatch):
+    """Strategies compute as the code did before runtime.device / runtime.precision: no autocast or
+    full-precision context around any forward pass, no loss scaler, experts on their fp32 branch."""
+    from lifelong_moe.moe import experts
+    from lifelong_moe.strategies import template
+
+    monkeypatch.setattr(template, "autocast", lambda *a: contextlib.nullcontext())
+    monkeypatch.setattr(template, "full_precision", lambda *a: contextlib.nullcontext())
+    monkeypatch.setattr(template, "grad_scaler", lambda *a: PlainSteps())
+    monkeypatch.setattr(experts, "autocast_active", lambda *a: False)
+
+
+def counting_device_calls(monkeypatch) -> list[str]:
+    """Names of the runtime.device helpers the strategies call, in call order (still the real ones)."""
+    from lifelong_moe.strategies import template
+
+    calls = []
+    for name in ("autocast", "full_precision", "grad_scaler"):
+        real = getattr(template, name)
+        monkeypatch.setattr(template, name, lambda *a, _real=real, _name=name: calls.append(_name) or _real(*a))
+    return calls
 
 
 def losses(d):
     return [json.loads(line)["loss"] for line in (d / "log.jsonl").read_text().splitlines()]
 
 
+def assert_same_checkpoints(a_dir, b_dir, n):
+    from safetensors.torch import load_file
+
+    for i in range(n):
+        a, b = (load_file(str(d / "checkpoints" / f"exp_{i:03d}.safetensors")) for d in (a_dir, b_dir))
+        assert a.keys() == b.keys()
+        for k in a:  # bit for bit (NaN marks a task without DDAS calibration yet)
+            torch.testing.assert_close(a[k], b[k], rtol=0, atol=0, equal_nan=True)
+
+
 @pytest.mark.parametrize("name", ["lora", "moe_adapters"])
-def test_cpu_fp32_numbers_are_those_from_before_devices_existed(tmp_path, name):
-    params = {"name": name, **({"r": 4} if name == "lora" else REF_MOE)}
-    out = run(tiny_config(params, runtime__device="cpu", **REF), tmp_path / "cpu", progress=False, log=quiet)
-    assert record(out)["zero_shot"] == [0.25, THIRD, THIRD]
-    matrix, ls = record(out)["matrix"], losses(out)
-    matched = [kind for kind, ref in BEFORE[name].items() if reproduces(matrix, ls, ref)]
-    assert matched, (f"{name}: matrix {matrix}, losses sum {sum(ls):.6f}, 18th {ls[17]}, last {ls[-1]} match no "
-                     f"set recorded with the pre-device code ({', '.join(BEFORE[name])})")
+def test_cpu_fp32_numbers_are_those_from_before_devices_existed(tmp_path, monkeypatch, name):
+    """CPU fp32 through the device plumbing (autocast and full-precision contexts, the loss scaler, the
+    experts' autocast branch) is bit-identical to the same run with that plumbing taken out, in this
+    process: fp32 keeps the numbers of the code from before devices existed, on any CPU."""
+    cfg = tiny_config({"name": name, **({"r": 4} if name == "lora" else REF_MOE)}, runtime__device="cpu", **REF)
+    with monkeypatch.context() as m:
+        calls = counting_device_calls(m)
+        plumbed = run(cfg, tmp_path / "plumbed", progress=False, log=quiet)
+    assert {"autocast", "grad_scaler"} <= set(calls)  # the first run did go through the plumbing
+    with monkeypatch.context() as m:
+        without_device_plumbing(m)
+        plain = run(cfg, tmp_path / "plain", progress=False, log=quiet)
+    a, b = record(plumbed), record(plain)
+    assert a["zero_shot"] == b["zero_shot"] and a["matrix"] == b["matrix"]
+    assert len(losses(plain)) == 48 and losses(plumbed) == losses(plain)
+    assert_same_checkpoints(plumbed, plain, 3)
 
 
 @pytest.mark.skipif(GPU, reason="auto is the GPU here")
 def test_device_cpu_and_auto_give_bit_identical_runs(tmp_path):
-    from safetensors.torch import load_file
-
     base = tiny_config({"name": "moe_adapters", **REF_MOE}, **{**REF, "training__epochs": 1, "runtime__device": "auto"})
     cpu = run(base.model_copy(update={"runtime": base.runtime.model_copy(update={"device": "cpu"})}),
               tmp_path / "cpu", progress=False, log=quiet)
     auto = run(base, tmp_path / "auto", progress=False, log=quiet)
     assert base.runtime.device == "auto"
     assert record(cpu)["matrix"] == record(auto)["matrix"] and losses(cpu) == losses(auto)
-    for i in range(3):
-        a, b = (load_file(str(d / "checkpoints" / f"exp_{i:03d}.safetensors")) for d in (cpu, auto))
-        assert a.keys() == b.keys()
-        for k in a:  # bit for bit (NaN marks a task without DDAS calibration yet)
-            torch.testing.assert_close(a[k], b[k], rtol=0, atol=0, equal_nan=True)
+    assert_same_checkpoints(cpu, auto, 3)
 
 
 # ----------------------------------------------------------------------------- device plumbing (meta)

@@ -1,6 +1,7 @@
 """Seeded end-to-end run of the quickstart (toy MTIL on the synthetic world, pretrained tiny CLIP):
 zero-shot transfer, forgetting under fine-tuning and a method that prevents it must be real."""
 import json
+import os
 
 import numpy as np
 import pytest
@@ -17,7 +18,11 @@ VARIANTS = ["zeroshot", "finetune", "lora", "lwf", "replay", "moe_adapters"]
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     out = tmp_path_factory.mktemp("quickstart")
-    assert main(["run", str(CONFIGS / "quickstart.yaml"), "-o", str(out), "-q", "--only", ",".join(VARIANTS)]) == 0
+    with pytest.MonkeyPatch.context() as mp:  # the session's test caches (conftest sets them per test)
+        mp.setenv("LIFELONG_MOE_CACHE", os.environ.get("LIFELONG_MOE_TEST_CACHE")
+                  or str(tmp_path_factory.getbasetemp() / "cache"))
+        mp.setenv("LIFELONG_MOE_DATA", str(tmp_path_factory.getbasetemp() / "data"))
+        assert main(["run", str(CONFIGS / "quickstart.yaml"), "-o", str(out), "-q", "--only", ",".join(VARIANTS)]) == 0
     return {d.name: json.loads((d / "results.json").read_text()) for d in out.iterdir() if d.name != "compare"}
 
 

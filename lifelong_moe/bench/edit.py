@@ -53,13 +53,13 @@ def edit_cost(method: str = "retrieval", params: dict | None = None, edits: int 
     from ..editing.editor import Editor
     from ..backbones.factory import load_vlm
 
+    if fit and method != "liveedit":  # before the backbone is loaded (or pretrained, from an empty cache)
+        raise UserError(f"--fit meta-trains LiveEdit; {method!r} has nothing to meta-train")
+    if fit:
+        params = {**(params or {}), "steps": fit}
     torch.set_num_threads(threads)
     torch.manual_seed(seed)
     vlm = load_vlm("lmoe-tiny-llava", pretrained, progress=False)
-    if fit:
-        if method != "liveedit":
-            raise UserError(f"--fit meta-trains LiveEdit; {method!r} has nothing to meta-train")
-        params = {**(params or {}), "steps": fit}
     empty = Editor(copy.deepcopy(vlm), method, seed=seed, **(params or {}))
     full = Editor(vlm, method, seed=seed, **(params or {}))
     fit_s = None
