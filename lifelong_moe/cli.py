@@ -180,8 +180,10 @@ def cmd_bench(a) -> int:
         from .bench.quickstart import main as bench_main
     else:
         from .bench.moe_adapters import main as bench_main
+    from .runtime.threads import torch_threads
 
-    return bench_main(a.args)
+    with torch_threads(None):  # the benches set torch's thread count: put it back for the caller
+        return bench_main(a.args)
 
 
 def cmd_list(a) -> int:

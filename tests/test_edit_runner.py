@@ -84,8 +84,12 @@ def test_variants_run_in_parallel_processes_and_are_compared(config, tmp_path, c
 
 
 def test_bench_edit_reports_the_three_costs(capsys, monkeypatch):
+    import torch
+
+    threads = torch.get_num_threads()
     assert main(["bench", "edit", "--random-init", "--edits", "40", "--real", "4", "--batch", "4", "--repeats", "1",
                  "--threads", "1", "--json"]) == 0
+    assert torch.get_num_threads() == threads  # the bench's thread count is put back for the caller
     r = json.loads(capsys.readouterr().out)
     assert r["setup"]["edits"] == 40 and r["answer_ratio_stored_vs_none"] > 0 and r["edit_s"] > 0
     assert r["method_bytes_per_edit"] > 0 and r["store_bytes_per_edit"] > r["method_bytes_per_edit"]
