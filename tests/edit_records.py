@@ -10,6 +10,17 @@ from lifelong_moe.editing import EditRecord
 from lifelong_moe.streams.synthetic_render import render
 from lifelong_moe.streams.vqa_synthetic import answer_space, make_questions, sample_for
 
+# A tiny `lifelong-moe edit` config over write_record_file(<data>, 12); fill {data} with str.format.
+TINY_EDIT_CONFIG = """
+name: tiny_edit
+backbone: {{name: lmoe-tiny-llava}}
+method: {{name: retrieval, threshold: 0.999}}
+data: {{source: json, eval_path: {data}/eval.json, eval: 12}}
+evaluation: {{edit_counts: [1, 4, 8], max_chunks: 2, matrix_chunks: 4, max_new_tokens: 3}}
+runtime: {{device: cpu, threads: 1}}
+"""
+
+
 LOC_QUESTIONS = [("how many corners does a triangle have ?", "three"), ("is there a red object ?", "no")]
 
 

@@ -6,25 +6,16 @@ import json
 import numpy as np
 import pytest
 
-from edit_records import write_record_file
+from edit_records import TINY_EDIT_CONFIG, write_record_file
 from lifelong_moe.cli import main
 from lifelong_moe.errors import UserError
-
-CONFIG = """
-name: tiny_edit
-backbone: {{name: lmoe-tiny-llava}}
-method: {{name: retrieval, threshold: 0.999}}
-data: {{source: json, eval_path: {data}/eval.json, eval: 12}}
-evaluation: {{edit_counts: [1, 4, 8], max_chunks: 2, matrix_chunks: 4, max_new_tokens: 3}}
-runtime: {{device: cpu, threads: 1}}
-"""
 
 
 @pytest.fixture
 def config(tmp_path):
     write_record_file(tmp_path / "data", 12)
     path = tmp_path / "edit.yaml"
-    path.write_text(CONFIG.format(data=tmp_path / "data"))
+    path.write_text(TINY_EDIT_CONFIG.format(data=tmp_path / "data"))
     return path
 
 

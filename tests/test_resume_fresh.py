@@ -7,7 +7,7 @@ import json
 import pytest
 
 import lifelong_moe
-from edit_records import write_record_file
+from edit_records import TINY_EDIT_CONFIG, write_record_file
 from lifelong_moe.cli import main
 from lifelong_moe.results import RunDir
 
@@ -20,15 +20,6 @@ strategy: {name: finetune}
 training: {epochs: 1, batch_size: 8}
 evaluation: {batch_size: 64}
 runtime: {device: cpu, threads: 1}
-"""
-
-EDIT = """
-name: tiny_edit
-backbone: {{name: lmoe-tiny-llava}}
-method: {{name: retrieval, threshold: 0.999}}
-data: {{source: json, eval_path: {data}/eval.json, eval: 12}}
-evaluation: {{edit_counts: [1, 4, 8], max_chunks: 2, matrix_chunks: 4, max_new_tokens: 3}}
-runtime: {{device: cpu, threads: 1}}
 """
 
 
@@ -47,7 +38,7 @@ def run_config(tmp_path):
 def edit_config(tmp_path):
     write_record_file(tmp_path / "data", 12)
     path = tmp_path / "edit.yaml"
-    path.write_text(EDIT.format(data=tmp_path / "data"))
+    path.write_text(TINY_EDIT_CONFIG.format(data=tmp_path / "data"))
     return path
 
 
