@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shlex
 import sys
 from pathlib import Path
 
@@ -148,6 +149,7 @@ def cmd_pretrain(a) -> int:
 
         return cli_pretrain_vlm(a)
     from .backbones.pretrain_clip import PretrainConfig, format_table, read_info, resolve_synthetic
+    from .backbones.shipped import ship, ship_root
     from .config import apply_overrides, read_yaml_tree
 
     overrides = list(a.overrides)
@@ -158,7 +160,9 @@ def cmd_pretrain(a) -> int:
     if a.cache_dir and Path(a.cache_dir).exists() and not Path(a.cache_dir).is_dir():
         raise UserError(f"--cache-dir {a.cache_dir}: exists and is not a directory")
     model = data.pop("model", PretrainConfig.model)
-    path = resolve_synthetic(model, data, progress=not a.quiet, force=a.force, cache_dir=a.cache_dir)
+    path = resolve_synthetic(model, data, progress=not a.quiet, force=a.force, cache_dir=ship_root(a))
+    if a.ship:
+        print(f"shipped: {ship(Path(path), model, a.command_line)}")
     info = read_info(path)
     if not a.quiet:
         print(f"checkpoint: {path}  (trained in {info.get('train_seconds')} s, {info.get('steps')} steps)")
@@ -272,6 +276,8 @@ def parser() -> argparse.ArgumentParser:
     pt.add_argument("overrides", nargs="*", help="key=value overrides of those fields")
     pt.add_argument("--force", action="store_true", help="retrain even if a cached checkpoint exists")
     pt.add_argument("--cache-dir", help="cache root (default $LIFELONG_MOE_CACHE or ~/.cache/lifelong_moe)")
+    pt.add_argument("--ship", action="store_true", help="train into the package's shipped weights (lifelong_moe/"
+                    "backbones/weights/) and write the artefact's manifest (maintainers)")
     pt.add_argument("-q", "--quiet", action="store_true")
     pt.set_defaults(fn=cmd_pretrain)
     b = sub.add_parser("bench", help="cost benchmarks (moe: MoE-Adapters vs dense adapter and plain CLIP; cl_moe: CL-MoE vs one dense LoRA on the tiny VLM; "
@@ -292,6 +298,7 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     stray = [e for e in extra if e.startswith("-") or "=" not in e or args.command not in ("run", "pretrain", "bench", "sweep", "edit")]
     if stray:
         p.error(f"unrecognized arguments: {' '.join(stray)}")
+    args.command_line = shlex.join(["lifelong-moe", *(sys.argv[1:] if argv is None else argv)])
     if extra and args.command == "bench":
         args.args = list(args.args) + extra
     elif extra:

@@ -54,7 +54,7 @@ from .synthetic import SceneMix, sample_scenes
 from .synthetic_render import (A, BACKGROUNDS, COLORS, COUNTS, DIGITS, POSITIONS, SHAPE_PLURALS, SHAPES, SIZES,
                                STYLES, TEXTURES, render)
 
-VQA_GENERATOR_VERSION = 2  # bump whenever questions, answers or images change (pretrained-VLM cache key)
+VQA_GENERATOR_VERSION = 3  # bump whenever questions, answers or images change (pretrained-VLM cache key)
 
 QUESTION_TYPES: list[str] = ["recognition", "location", "judge", "commonsense", "count", "action", "color",
                              "type", "subcategory", "causal"]
@@ -64,7 +64,7 @@ HELD_OUT_TYPES: list[str] = [t for t in QUESTION_TYPES if t not in PRETRAIN_TYPE
 __all__ = ["QUESTION_TYPES", "PRETRAIN_TYPES", "HELD_OUT_TYPES", "DEFINITIONS", "VQA_GENERATOR_VERSION",
            "make_questions", "sample_for", "qa_examples", "answer_space", "chance_level", "vocabulary", "words",
            "load_question_type", "load",
-           "UnknownQuestionTypeError", "CORNERS", "CAUSES"]
+           "UnknownQuestionTypeError", "CORNERS", "CAUSES", "describe_scene"]
 
 
 class UnknownQuestionTypeError(UserError, ValueError):
@@ -296,6 +296,36 @@ def make_questions(scenes: np.ndarray, qtype: str, rng: np.random.Generator) -> 
     return questions, [_answer(qtype, row) for row in sc]
 
 
+# ----------------------------------------------------------------------------- full descriptions
+_STYLE_EFFECT = {"noisy": " with noise", "blurry": " with blur"}
+
+
+def describe_scene(row: np.ndarray) -> str:
+    """One deterministic caption naming every attribute of scene ``row`` that the ten question types
+    read, in a fixed order, with the world knowledge the held-out types rely on in plain words (a
+    shape's corners, "far away" for a small object, the noise or blur a style adds):
+    "a small red striped triangle in the top left , with three corners , far away , noisy style
+    with noise , on a black background ." The tiny VLM learns to say this (LLaVA's stage-1 captions),
+    so it has put each attribute into words before a stream asks a new question type about it."""
+    count = int(row[A["count"]])
+    digit = row[A["digit"]] >= 0
+    noun = f"digit {DIGITS[row[A['digit']]]}" if digit else (SHAPE_PLURALS if count > 1 else SHAPES)[row[A["shape"]]]
+    words_ = ([SIZES[row[A["size"]]]] if count == 1 else []) + [COLORS[row[A["color"]]]]
+    words_ += ([] if digit else [TEXTURES[row[A["texture"]]]]) + [noun]
+    text = " ".join([COUNTS[count - 1] if count > 1 else "a"] + words_)
+    clauses = []
+    if count == 1:
+        text += f" in the {POSITIONS[row[A['position']]]}"
+        if not digit and int(row[A["shape"]]) in CORNERS:
+            clauses.append(f"with {CORNERS[int(row[A['shape']])]} corners")
+        if SIZES[row[A["size"]]] == "small":
+            clauses.append("far away")
+    style = STYLES[row[A["style"]]]
+    clauses.append(f"{style} style{_STYLE_EFFECT.get(style, '')}")
+    clauses.append(f"on a {BACKGROUNDS[row[A['background']]]} background")
+    return _fix_articles(" , ".join([text] + clauses) + " .")
+
+
 # ----------------------------------------------------------------------------- vocabulary
 _WORD = re.compile(r"[a-z0-9]+|[^\sa-z0-9]")
 
@@ -322,6 +352,7 @@ def _vocabulary() -> tuple[str, ...]:
     # captions of the world (streams/synthetic.py: _describe and its frames)
     vocab |= _template_words(_world._FRAMES + _world._STYLE_FRAMES)
     vocab |= {"a", "an", "some", "in", "the", "on", "background", "style", "is", "are"}
+    vocab |= {"with", "corners", "far", "away", "noise", "blur", ","}  # describe_scene's clauses
     return tuple(sorted(vocab))
 
 

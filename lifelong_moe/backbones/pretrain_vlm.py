@@ -37,7 +37,7 @@ import torch
 from ..io import write_text
 from ..runtime.threads import torch_threads
 
-RECIPE_VERSION = 1  # bump when the training code changes the weights a config produces (cache key)
+RECIPE_VERSION = 2  # bump when the training code changes the weights a config produces (cache key)
 
 
 def _default_types() -> tuple[str, ...]:
@@ -60,6 +60,8 @@ class VlmPretrainConfig:
     warmup_steps: int = 30
     weight_decay: float = 0.01
     caption_share: float = 0.2      # share of each batch that is image-caption pairs
+    captions: str = "full"          # full: describe_scene (every attribute, in words); partial: the tiny CLIP's
+    vision_lr_ratio: float = 0.0    # the vision tower's lr / lr (0: frozen, as LLaVA-1.5)
     question_types: tuple[str, ...] = field(default_factory=_default_types)  # the rest stay unseen
     threads: int = 2                # torch threads (as the tiny CLIP's): 1.55x faster than 1 on a quiet 2-core machine, same
                                     # weights bit for bit (checked); use 1 when other jobs share the cores (OpenMP stalls)
@@ -76,6 +78,10 @@ class VlmPretrainConfig:
             raise ValueError(f"question_types: unknown type {bad[0]!r}; types: {', '.join(QUESTION_TYPES)}")
         if not 0.0 <= self.caption_share <= 1.0 or (self.caption_share < 1.0 and not self.question_types):
             raise ValueError("caption_share must be in [0, 1] (and 1 when question_types is empty)")
+        if self.captions not in ("full", "partial"):
+            raise ValueError(f"captions must be 'full' or 'partial', not {self.captions!r}")
+        if self.vision_lr_ratio < 0:
+            raise ValueError("vision_lr_ratio must be >= 0")
         if self.steps < 0 or self.batch_size < 2:
             raise ValueError("steps must be >= 0 and batch_size >= 2")
 
@@ -135,6 +141,27 @@ def _qa_examples(qtype: str, n: int, rng: np.random.Generator):
     return images, questions, answers
 
 
+def full_caption_batch(n: int, rng: np.random.Generator):
+    """``n`` scenes drawn from :func:`caption_mix` with their :func:`describe_scene` captions."""
+    from ..streams.synthetic import sample_scenes
+    from ..streams.synthetic_render import render
+    from ..streams.vqa_synthetic import describe_scene
+
+    mix = caption_mix()
+    sc = sample_scenes(n, rng, mix)
+    images = render(sc, rng, glyph_split="pretrain", rotation=mix.rotation, style_strength=mix.style_strength)
+    return images, [describe_scene(row) for row in sc]
+
+
+def caption_mix():
+    """The scenes the full captions describe: every style, texture and size often enough to be put
+    into words (the tiny CLIP's pretraining mix is 72 % clean)."""
+    from ..streams.synthetic import SceneMix
+
+    return SceneMix(p_digit=0.25, p_group=0.25, textures=(1, 1, 1, 1), sizes=(1, 1), styles=(2, 1, 1, 1, 1),
+                    style_strength=(0.8, 1.4))
+
+
 def make_batch_source(cfg: VlmPretrainConfig, caption_question: str, rng: np.random.Generator):
     """A function drawing one pretraining batch ``(images uint8 [B, 3, 32, 32], questions, answers)``:
     ``caption_share`` of it captions, the rest questions spread evenly over ``question_types``."""
@@ -142,11 +169,12 @@ def make_batch_source(cfg: VlmPretrainConfig, caption_question: str, rng: np.ran
 
     n_cap = int(round(cfg.batch_size * cfg.caption_share))
     types = list(cfg.question_types)
+    captions = full_caption_batch if cfg.captions == "full" else caption_batch
 
     def draw():
         parts_img, qs, ans = [], [], []
         if n_cap:
-            img, caps = caption_batch(n_cap, rng)
+            img, caps = captions(n_cap, rng)
             parts_img.append(img)
             qs += [caption_question] * n_cap
             ans += caps
@@ -177,13 +205,18 @@ def train_vlm(vlm, cfg: VlmPretrainConfig, caption_question: str, progress: bool
     from .pretrain_clip import _warmup_cosine, prefetched
 
     rng = np.random.default_rng([cfg.seed, 0x11A7A])
-    trainable = [p for n, p in vlm.model.named_parameters() if ".vision_tower." not in f".{n}"]
+    named = [(n, p) for n, p in vlm.model.named_parameters()
+             if cfg.vision_lr_ratio > 0 or ".vision_tower." not in f".{n}"]
+    trainable = [p for _, p in named]
     for p in trainable:
         p.requires_grad_(True)
-    decay = [p for p in trainable if p.ndim >= 2]
-    no_decay = [p for p in trainable if p.ndim < 2]
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
-                             {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr, betas=(0.9, 0.98))
+    groups = []
+    for vision in (False, True):
+        ps = [p for n, p in named if (".vision_tower." in f".{n}") == vision]
+        scale = cfg.vision_lr_ratio if vision else 1.0
+        groups += [{"params": [p for p in ps if p.ndim >= 2], "weight_decay": cfg.weight_decay, "scale": scale},
+                   {"params": [p for p in ps if p.ndim < 2], "weight_decay": 0.0, "scale": scale}]
+    opt = torch.optim.AdamW([g for g in groups if g["params"]], lr=cfg.lr, betas=(0.9, 0.98))
     start = time.perf_counter()
     losses = []
     vlm.model.train()
@@ -192,7 +225,7 @@ def train_vlm(vlm, cfg: VlmPretrainConfig, caption_question: str, progress: bool
         # each example weighs the same: a ten-word caption would otherwise outweigh five one-word answers
         loss = -(vlm.answer_logprobs(batch) / batch.answer_mask.sum(1)).mean()
         for g in opt.param_groups:
-            g["lr"] = cfg.lr * _warmup_cosine(step, cfg.steps, cfg.warmup_steps, cfg.min_lr_ratio)
+            g["lr"] = g["scale"] * cfg.lr * _warmup_cosine(step, cfg.steps, cfg.warmup_steps, cfg.min_lr_ratio)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(trainable, 1.0)
@@ -242,7 +275,8 @@ def pretrain_vlm(cfg: VlmPretrainConfig = None, *, cache_dir=None, force: bool =
     or ``force``. Concurrent callers wait for one another (a file lock) instead of training twice."""
     from filelock import FileLock
 
-    from .pretrain_clip import resolve_synthetic
+    from .pretrain_clip import cache_root, resolve_synthetic
+    from .shipped import shipped_path
     from .vlm import VisionLanguageModel, _quiet_transformers
     from .vlm_tiny import build_tiny_llava, tiny_spec
 
@@ -250,8 +284,12 @@ def pretrain_vlm(cfg: VlmPretrainConfig = None, *, cache_dir=None, force: bool =
     spec = tiny_spec(cfg.model)
     clip_ckpt = resolve_synthetic(spec["vision_from_clip"], None, progress=progress, cache_dir=cache_dir)
     path = checkpoint_dir(cfg, clip_ckpt, cache_dir)
-    if _complete(path) and not force:
-        return path
+    if not force:
+        shipped = shipped_path(path, cache_root(cache_dir))
+        if shipped is not None:
+            return shipped
+        if _complete(path):
+            return path
     path.parent.mkdir(parents=True, exist_ok=True)
     with FileLock(str(path) + ".lock"):
         if _complete(path) and not force:  # another process trained it meanwhile
@@ -308,6 +346,8 @@ def resolve_synthetic_vlm(name: str, pretrain: dict | None = None, progress: boo
 def cli_pretrain_vlm(a) -> int:
     """``lifelong-moe pretrain vlm [CONFIG] [key=value ...] [--force] [--cache-dir DIR] [-q]``."""
     from ..config import apply_overrides, read_yaml_tree
+    from ..errors import UserError
+    from .shipped import ship, ship_root
 
     overrides = list(a.overrides)
     if a.config and "=" in a.config and not Path(a.config).exists():
@@ -315,7 +355,18 @@ def cli_pretrain_vlm(a) -> int:
         a.config = None
     data = apply_overrides(read_yaml_tree(a.config) if a.config else {}, overrides)
     model = data.pop("model", VlmPretrainConfig.model)
-    path = resolve_synthetic_vlm(model, data, progress=not a.quiet, force=a.force, cache_dir=a.cache_dir)
+    cache_dir = ship_root(a)
+    if a.ship:  # the VLM is built on the shipped tiny CLIP, never on one trained into weights/ on the way
+        from .pretrain_clip import PretrainConfig, checkpoint_path
+        from .shipped import shipped_path
+        from .vlm_tiny import tiny_spec
+
+        clip = checkpoint_path(PretrainConfig(model=tiny_spec(model)["vision_from_clip"]), cache_dir)
+        if shipped_path(clip, Path(cache_dir)) is None:
+            raise UserError(f"ship the tiny CLIP first: lifelong-moe pretrain clip --ship (no shipped {clip.name})")
+    path = resolve_synthetic_vlm(model, data, progress=not a.quiet, force=a.force, cache_dir=cache_dir)
+    if a.ship:
+        print(f"shipped: {ship(Path(path), model, a.command_line)}")
     info = read_info(path)
     if a.quiet:
         print(path)
