@@ -318,13 +318,15 @@ def test_pretrain_vlm_learns_caches_and_loads_like_a_user_directory(capsys):
     from lifelong_moe.backbones.pretrain_vlm import info_path
     from lifelong_moe.streams.vqa_synthetic import QUESTION_TYPES
 
-    small = {"steps": 30, "batch_size": 16, "warmup_steps": 5, "eval_test": 10}
+    small = {"steps": 30, "batch_size": 16, "warmup_steps": 5, "eval_test": 10, "eval_probe": 40}
     args = [f"{k}={v}" for k, v in small.items()]
     assert main(["pretrain", "vlm", *args]) == 0
     out = capsys.readouterr().out
     path = next(line.split()[1] for line in out.splitlines() if line.startswith("checkpoint:"))
     info = json.loads(info_path(path).read_text())
     assert set(info["zero_shot"]) == set(QUESTION_TYPES)
+    probe = info["vision_probe"]  # every type whose answer the picture alone decides
+    assert set(probe) == set(QUESTION_TYPES) - {"judge"} and all(0 <= a <= 1 for a in probe.values())
     assert info["final_loss"] < math.log(144) - 1.0  # learnt: well below a uniform guess over the vocabulary
     weights = load_file(f"{path}/model.safetensors")
     # cached: a second call finds the directory and trains nothing

@@ -252,7 +252,8 @@ def bank_loss(logits: torch.Tensor, scenes: np.ndarray, bank_mentions: np.ndarra
     return torch.stack(terms).mean()
 
 
-def supervise_image_tower(model, cfg: "PretrainConfig", rng: np.random.Generator, progress: bool = True) -> dict:
+def supervise_image_tower(model, cfg: "PretrainConfig", rng: np.random.Generator, progress: bool = True,
+                          mix=None) -> dict:
     """Stage 1: the image tower learns every scene attribute at once, one linear head per attribute
     (cross-entropy, heads discarded afterwards). A ViT trained from scratch contrastively on 2 CPU
     cores for a minute learns colour but hardly shape or position; supervised attribute heads give
@@ -268,10 +269,12 @@ def supervise_image_tower(model, cfg: "PretrainConfig", rng: np.random.Generator
     norm = normalizer(model)
     losses = []
 
+    mix = mix or PRETRAIN_MIX
+
     def batch():
-        scenes = sample_scenes(cfg.batch_size, rng, PRETRAIN_MIX)
-        return scenes, render(scenes, rng, glyph_split="pretrain", rotation=PRETRAIN_MIX.rotation,
-                              style_strength=PRETRAIN_MIX.style_strength)
+        scenes = sample_scenes(cfg.batch_size, rng, mix)
+        return scenes, render(scenes, rng, glyph_split="pretrain", rotation=mix.rotation,
+                              style_strength=mix.style_strength)
 
     for step, (scenes, images) in enumerate(prefetched(batch, cfg.supervised_steps)):
         x = norm(torch.from_numpy(images))

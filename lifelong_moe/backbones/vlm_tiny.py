@@ -111,10 +111,12 @@ def open_clip_activation(visual: nn.Module) -> str:
 
 
 # ----------------------------------------------------------------------------- the tiny LLaVA
-def build_tiny_llava(name: str = "lmoe-tiny-llava", clip_checkpoint: str | None = None, seed: int = 0):
+def build_tiny_llava(name: str = "lmoe-tiny-llava", clip_checkpoint: str | None = None, seed: int = 0,
+                     prepare_visual=None):
     """``(LlavaForConditionalGeneration, LlavaProcessor)`` of the shipped tiny config ``name``:
     vision tower converted from the tiny CLIP (weights of ``clip_checkpoint``, or its random init
-    when None), projector and decoder randomly initialised from ``seed``."""
+    when None; ``prepare_visual(clip_model)``, if given, trains it further first), projector and
+    decoder randomly initialised from ``seed``."""
     from transformers import (CLIPImageProcessor, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration,
                               LlavaProcessor)
 
@@ -145,6 +147,8 @@ def build_tiny_llava(name: str = "lmoe-tiny-llava", clip_checkpoint: str | None 
         cfg.prompt_template = spec["prompt_template"]
         cfg.caption_question = spec["caption_question"]
         model = LlavaForConditionalGeneration(cfg)
+        if prepare_visual is not None:
+            prepare_visual(clip)
         load_open_clip_visual(model.model.vision_tower, clip.visual)
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     model.generation_config.eos_token_id = tokenizer.eos_token_id

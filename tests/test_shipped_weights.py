@@ -1,0 +1,97 @@
+"""The shipped weights (lifelong_moe/backbones/weights/): each file matches its manifest, the default recipe
+resolves to it (runs do not pretrain), and the command that produced it still runs at a small budget."""
+import json
+import shlex
+from pathlib import Path
+
+import pytest
+
+from lifelong_moe.backbones import shipped as S
+from lifelong_moe.backbones.pretrain_clip import PretrainConfig, cache_key, resolve_synthetic
+from lifelong_moe.backbones.pretrain_vlm import VlmPretrainConfig, checkpoint_dir, resolve_synthetic_vlm
+from lifelong_moe.cli import main
+from lifelong_moe.errors import UserError
+
+ARTEFACTS = S.shipped_artefacts()
+SMALL = {"clip": ["steps=2", "supervised_steps=2", "batch_size=8", "warmup_steps=1", "eval_test_per_class=1"],
+         "vlm": ["steps=2", "batch_size=8", "warmup_steps=1", "eval_test=2", "eval_probe=0"]}
+
+
+def test_both_embedded_models_are_shipped_within_the_size_budget():
+    names = {a.name.rsplit("-", 1)[0] for a in ARTEFACTS}
+    assert {"lmoe-tiny-vit", "lmoe-tiny-llava"} <= names, names
+    total = sum(f["bytes"] for a in ARTEFACTS for f in S.read_manifest(a)["files"].values())
+    assert total <= 64 * 2 ** 20, f"shipped weights take {total / 2 ** 20:.1f} MiB (budget 64)"
+
+
+@pytest.mark.parametrize("artefact", ARTEFACTS, ids=[a.name for a in ARTEFACTS])
+def test_every_shipped_file_matches_its_manifest(artefact):
+    assert S.verify(artefact) == []
+    m = S.read_manifest(artefact)
+    assert m["command"].startswith("lifelong-moe pretrain ") and "--ship" in m["command"]
+    assert m["steps"] > 0 and m["wall_seconds"] > 0 and m["commit"]
+
+
+def test_the_default_recipe_resolves_to_the_shipped_weights(tmp_path):
+    clip = Path(resolve_synthetic("lmoe-tiny-vit", progress=False, cache_dir=tmp_path))
+    vlm = Path(resolve_synthetic_vlm("lmoe-tiny-llava", progress=False, cache_dir=tmp_path))
+    assert S.SHIPPED_ROOT in clip.parents and S.SHIPPED_ROOT in vlm.parents
+    assert not any(tmp_path.rglob("*"))  # nothing trained into the user's cache
+    # the file names carry the default recipes' cache keys: a recipe change without reshipping fails here
+    assert clip.name == f"lmoe-tiny-vit-{cache_key(PretrainConfig())}.safetensors"
+    assert vlm.name == checkpoint_dir(VlmPretrainConfig(), str(clip)).name
+
+
+def test_a_recipe_override_trains_into_the_users_cache(tmp_path):
+    small = {"steps": 2, "supervised_steps": 2, "batch_size": 8, "eval_test_per_class": 1}
+    path = Path(resolve_synthetic("lmoe-tiny-vit", small, progress=False, cache_dir=tmp_path))
+    assert tmp_path in path.parents
+
+
+@pytest.mark.parametrize("artefact", ARTEFACTS, ids=[a.name for a in ARTEFACTS])
+def test_the_producing_command_runs_at_a_small_budget(artefact, tmp_path, capsys):
+    argv = shlex.split(S.read_manifest(artefact)["command"])[1:]
+    kind = argv[1]
+    argv = [a for a in argv if a != "--ship"] + SMALL[kind] + ["--cache-dir", str(tmp_path), "-q"]
+    assert main(argv) == 0
+    out = Path(capsys.readouterr().out.strip().splitlines()[-1])
+    assert tmp_path in out.parents and out.exists()
+
+
+def _fake_artefact(root: Path) -> Path:
+    d = root / "vlm" / "tiny-abc"
+    d.mkdir(parents=True)
+    (d / "config.json").write_text("{}")
+    (d / "model.safetensors").write_bytes(b"\x00" * 64)
+    (root / "vlm" / "tiny-abc.json").write_text(json.dumps({"config": {"steps": 3}, "steps": 3, "train_seconds": 1.5}))
+    return d
+
+
+def test_verify_names_a_changed_a_missing_and_an_unlisted_file(tmp_path):
+    d = _fake_artefact(tmp_path)
+    S.write_manifest(d, command="lifelong-moe pretrain vlm --ship", info=json.loads((tmp_path / "vlm" / "tiny-abc.json").read_text()))
+    m = S.read_manifest(d)
+    assert set(m["files"]) == {"tiny-abc/config.json", "tiny-abc/model.safetensors", "tiny-abc.json"}
+    assert m["steps"] == 3 and m["wall_seconds"] == 1.5 and S.verify(d) == []
+    (d / "model.safetensors").write_bytes(b"\x01" * 64)
+    (d / "config.json").unlink()
+    (d / "extra.bin").write_bytes(b"x")
+    assert S.verify(d) == ["tiny-abc/model.safetensors: sha256 differs from the manifest", "tiny-abc/config.json: missing",
+                           "tiny-abc/extra.bin: not in the manifest"]
+
+
+def test_shipping_keeps_one_version_per_model(tmp_path, monkeypatch):
+    monkeypatch.setattr(S, "SHIPPED_ROOT", tmp_path)
+    old = _fake_artefact(tmp_path)
+    S.ship(old, "tiny", "lifelong-moe pretrain vlm --ship")
+    new = old.with_name("tiny-def")
+    new.mkdir()
+    (new / "model.safetensors").write_bytes(b"\x02")
+    (tmp_path / "vlm" / "tiny-def.json").write_text(json.dumps({"steps": 4, "train_seconds": 2.0}))
+    S.ship(new, "tiny", "lifelong-moe pretrain vlm steps=4 --ship")
+    assert S.shipped_artefacts() == [new] and not old.exists() and not (tmp_path / "vlm" / "tiny-abc.json").exists()
+
+
+def test_ship_takes_no_cache_dir(tmp_path):
+    with pytest.raises(UserError, match="--ship .* no --cache-dir"):
+        main(["pretrain", "clip", "--ship", "--cache-dir", str(tmp_path)])
