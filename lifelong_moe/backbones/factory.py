@@ -3,9 +3,10 @@ that :mod:`lifelong_moe.families` names).
 
 ``clip``: a frozen open_clip CLIP with its prompt classifier (:class:`lifelong_moe.backbones.clip.ClipClassifier`).
 ``vlm``: a frozen Hugging Face LLaVA-style generative VLM (:class:`lifelong_moe.backbones.vlm.VisionLanguageModel`).
-``pretrained: synthetic`` names the embedded tiny models pretrained here on the synthetic world: it is
-resolved to their cached checkpoint first (:mod:`.pretrain_clip`, :mod:`.pretrain_vlm`), so the loaders
-below it take the path a real checkpoint takes.
+``pretrained: synthetic`` names the embedded tiny models pretrained on the synthetic world: it is
+resolved first, by the family's ``embedded`` resolver, to their shipped weights (:mod:`.shipped`) or,
+for another recipe, their cached checkpoint (:mod:`.pretrain_clip`, :mod:`.pretrain_vlm`), so the
+loaders below it take the path a real checkpoint takes.
 """
 from __future__ import annotations
 
@@ -16,19 +17,16 @@ SYNTHETIC = "synthetic"  # pretrained=synthetic: the embedded model pretrained o
 
 def resolve_embedded(family: str, name: str, pretrained: str | None, pretrain: dict | None = None,
                      progress: bool = True) -> str | None:
-    """``pretrained`` as a loader takes it: ``synthetic`` becomes the cached checkpoint of the embedded
-    model (pretrained on first use, ``pretrain`` overriding its recipe); anything else is returned as is."""
+    """``pretrained`` as a loader takes it: ``synthetic`` becomes the checkpoint of the family's embedded
+    model (its ``embedded`` resolver: the shipped weights, or, with ``pretrain`` overriding the recipe,
+    cached or trained on first use); anything else is returned as is."""
     if pretrained != SYNTHETIC:
         if pretrain:
             raise UserError("backbone.pretrain is only used with backbone.pretrained: synthetic")
         return pretrained
-    if family == "vlm":
-        from .pretrain_vlm import resolve_synthetic_vlm
+    from ..families import FAMILIES
 
-        return resolve_synthetic_vlm(name, pretrain, progress)
-    from .pretrain_clip import resolve_synthetic
-
-    return resolve_synthetic(name, pretrain, progress)
+    return FAMILIES[family].embedded_checkpoint(name, pretrain, progress)
 
 
 def load_clip(name: str, pretrained: str | None, *, cache_text: bool = True, pretrain: dict | None = None,

@@ -25,6 +25,8 @@ class BackboneFamily:
     task_kind: str  # what the streams it answers ask (``classification``, ``vqa``; see config.TASK_KINDS)
     loader: str  # "module:function": (config section, progress) -> the frozen backbone
     prepare: str  # "module:function": (config section, progress) -> None; readies embedded weights once
+    embedded: str  # "module:function": (name, pretrain overrides, progress) -> checkpoint of the embedded model
+                   # pretrained on the synthetic world (shipped, cached, or trained on first use)
     evaluator: str  # "module:Class": (stream, evaluation config, progress) scores one matrix cell
     base_strategy: str  # "module:Class" every strategy of the family derives from
     strategies: dict[str, str] = field(default_factory=dict)  # strategy name -> module under lifelong_moe.strategies
@@ -34,6 +36,9 @@ class BackboneFamily:
 
     def prepare_assets(self, section, progress: bool = True) -> None:
         resolve(self.prepare)(section, progress)
+
+    def embedded_checkpoint(self, name: str, pretrain: dict | None = None, progress: bool = True) -> str:
+        return resolve(self.embedded)(name, pretrain, progress)
 
     def make_evaluator(self, stream, cfg, progress: bool = True):
         return resolve(self.evaluator)(stream, cfg, progress)

@@ -31,6 +31,7 @@ FAMILY = BackboneFamily(
     task_kind="classification",
     loader="lifelong_moe.backbones.factory:build_clip",
     prepare="lifelong_moe.backbones.factory:prepare_embedded",
+    embedded="lifelong_moe.backbones.pretrain_clip:resolve_synthetic",
     evaluator="lifelong_moe.evaluation.evaluator:ClassificationEvaluator",
     base_strategy="lifelong_moe.strategies.base:ClipStrategy",
     strategies={"zeroshot": "zeroshot", "finetune": "finetune", "lora": "lora", "lwf": "lwf", "ewc": "ewc",

@@ -27,6 +27,7 @@ FAMILY = BackboneFamily(
     task_kind="vqa",
     loader="lifelong_moe.backbones.factory:build_vlm",
     prepare="lifelong_moe.backbones.factory:prepare_embedded",
+    embedded="lifelong_moe.backbones.pretrain_vlm:resolve_synthetic_vlm",
     evaluator="lifelong_moe.evaluation.vqa_evaluator:VqaEvaluator",
     base_strategy="lifelong_moe.strategies.vlm_base:VlmStrategy",
     strategies={"zeroshot": "vlm_zeroshot", "lora": "vlm_lora", "lwf": "vlm_lwf", "replay": "vlm_replay",
