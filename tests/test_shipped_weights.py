@@ -14,7 +14,7 @@ from lifelong_moe.errors import UserError
 
 ARTEFACTS = S.shipped_artefacts()
 SMALL = {"clip": ["steps=2", "supervised_steps=2", "batch_size=8", "warmup_steps=1", "eval_test_per_class=1"],
-         "vlm": ["steps=2", "batch_size=8", "warmup_steps=1", "eval_test=2", "eval_probe=0"]}
+         "vlm": ["steps=2", "vision_steps=2", "batch_size=8", "warmup_steps=1", "eval_test=2", "eval_probe=0"]}
 
 
 def test_both_embedded_models_are_shipped_within_the_size_budget():

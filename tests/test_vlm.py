@@ -318,7 +318,7 @@ def test_pretrain_vlm_learns_caches_and_loads_like_a_user_directory(capsys):
     from lifelong_moe.backbones.pretrain_vlm import info_path
     from lifelong_moe.streams.vqa_synthetic import QUESTION_TYPES
 
-    small = {"steps": 30, "batch_size": 16, "warmup_steps": 5, "eval_test": 10, "eval_probe": 40}
+    small = {"steps": 30, "batch_size": 16, "warmup_steps": 5, "eval_test": 10, "eval_probe": 40, "vision_steps": 5}
     args = [f"{k}={v}" for k, v in small.items()]
     assert main(["pretrain", "vlm", *args]) == 0
     out = capsys.readouterr().out
