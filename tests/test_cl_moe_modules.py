@@ -71,6 +71,22 @@ def test_b_zero_makes_the_injected_layer_a_noop():
     assert torch.equal(model(x), out)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_experts_run_under_half_precision_autocast_and_train_in_fp32(dtype):
+    """Under CPU autocast the frozen layer's output is half precision while the experts stay fp32: the
+    in-place expert update must not mix the two (it raised 'self and mat2 must have the same dtype')."""
+    model, handle, _ = _tiny(dropout=0.0)
+    _randomise_b(handle)
+    x = torch.randn(3, 5, 6)
+    ref = model(x)
+    with torch.autocast("cpu", dtype=dtype):
+        out = model(x)
+    assert out.dtype == dtype and torch.allclose(out.float(), ref, atol=0.15, rtol=0.05)
+    out.float().sum().backward()
+    m = handle.layers["layers.0.q_proj"]
+    assert m.experts.B.dtype == torch.float32 and m.experts.B.grad is not None and m.experts.B.grad.dtype == torch.float32
+
+
 def test_dense_mixture_equals_the_sum_of_experts():
     model, handle, _ = _tiny(dropout=0.0)
     _randomise_b(handle)

@@ -60,7 +60,9 @@ class LoRAExperts(StackedExperts):
         z = (z.unflatten(-1, (E, r)) * gates.unsqueeze(-1).to(z.dtype)).flatten(-2)
         if out is None:
             return alpha * (z @ b) if alpha != 1.0 else z @ b
-        out.view(-1, self.out_features).addmm_(z.reshape(-1, E * r), b, alpha=alpha)
+        # in place, autocast does not cast: under bf16/fp16 autocast ``out`` (the frozen layer's output) is
+        # half precision while the experts' weights stay fp32, so the update is computed in out's dtype
+        out.view(-1, self.out_features).addmm_(z.reshape(-1, E * r).to(out.dtype), b.to(out.dtype), alpha=alpha)
         return out
 
     def forward(self, x: torch.Tensor, gates: torch.Tensor) -> torch.Tensor:
