@@ -414,6 +414,7 @@ def cli_pretrain_vlm(a) -> int:
     """``lifelong-moe pretrain vlm [CONFIG] [key=value ...] [--force] [--cache-dir DIR] [-q]``."""
     from ..config import apply_overrides, read_yaml_tree
     from ..errors import UserError
+    from ..provenance import git_commit
     from .shipped import ship, ship_root
 
     overrides = list(a.overrides)
@@ -431,9 +432,10 @@ def cli_pretrain_vlm(a) -> int:
         clip = checkpoint_path(PretrainConfig(model=tiny_spec(model)["vision_from_clip"]), cache_dir)
         if shipped_path(clip, Path(cache_dir)) is None:
             raise UserError(f"ship the tiny CLIP first: lifelong-moe pretrain clip --ship (no shipped {clip.name})")
+    commit = git_commit()  # the code that trains, before anything can change the tree
     path = resolve_synthetic_vlm(model, data, progress=not a.quiet, force=a.force, cache_dir=cache_dir)
     if a.ship:
-        print(f"shipped: {ship(Path(path), model, a.command_line)}")
+        print(f"shipped: {ship(Path(path), model, a.command_line, commit)}")
     info = read_info(path)
     if a.quiet:
         print(path)

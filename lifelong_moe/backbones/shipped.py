@@ -54,7 +54,7 @@ def sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def write_manifest(artefact: Path, *, command: str, info: dict) -> Path:
+def write_manifest(artefact: Path, *, command: str, info: dict, commit: str | None = None) -> Path:
     """Write ``<artefact>.manifest.json`` (files with sha256 and bytes, command, recipe, steps, wall
     time, commit, versions, CPU capability) and return its path."""
     import torch
@@ -69,7 +69,7 @@ def write_manifest(artefact: Path, *, command: str, info: dict) -> Path:
         files[record.name] = {"sha256": sha256(record), "bytes": record.stat().st_size}
     manifest = {"artefact": artefact.name, "command": command, "config": info.get("config"),
                 "steps": info.get("steps"), "wall_seconds": info.get("train_seconds"),
-                "commit": versions().get("git_commit"), "versions": versions(),
+                "commit": commit or versions().get("git_commit"), "versions": versions(),
                 "cpu_capability": torch.backends.cpu.get_cpu_capability(), "files": files}
     write_text(manifest_path(artefact), json.dumps(manifest, indent=2) + "\n")
     return manifest_path(artefact)
@@ -127,14 +127,15 @@ def drop_other_versions(artefact: Path, model: str) -> list[str]:
     return removed
 
 
-def ship(artefact: Path, model: str, command: str) -> Path:
+def ship(artefact: Path, model: str, command: str, commit: str | None = None) -> Path:
     """Make a freshly trained artefact under :data:`SHIPPED_ROOT` the shipped one of ``model``: write its
-    manifest, drop the other versions. Returns the manifest's path."""
+    manifest (``commit``: the code that trained it, read when training started; default: now), drop the
+    other versions. Returns the manifest's path."""
     artefact = Path(artefact)
     if SHIPPED_ROOT not in artefact.parents:
         raise ValueError(f"{artefact} is not under {SHIPPED_ROOT}")
     info = json.loads(info_file(artefact).read_text())
-    out = write_manifest(artefact, command=command, info=info)
+    out = write_manifest(artefact, command=command, info=info, commit=commit)
     drop_other_versions(artefact, model)
     return out
 
