@@ -1,4 +1,4 @@
-"""``lifelong-moe`` command line: run, edit, compare, metrics, pretrain, bench, list."""
+"""``lifelong-moe`` command line: run, edit, fit, compare, metrics, pretrain, bench, list."""
 from __future__ import annotations
 
 import argparse
@@ -94,6 +94,49 @@ def cmd_edit(a) -> int:
     print()
     print(format_table(records, "exact_match"))
     compare_variants(outs, "plots and tables (reliability of edits as they accumulate)")
+    return 0
+
+
+def fit_config(config: str | None, overrides: list[str], method: str, only: str | None = None):
+    """The one variant of an edit config that uses ``method`` (``only`` names it among several); without
+    a config, the tiny VLM's synthetic edit world with ``method``'s defaults."""
+    from .config import read_yaml_tree
+    from .editing.config import load_edit_config
+
+    if config and "=" in config and not Path(config).exists():  # key=value without a config
+        overrides, config = [config, *overrides], None
+    if not config:
+        base = {"name": f"fit_{method}", "backbone": {"name": "lmoe-tiny-llava", "pretrained": "synthetic"},
+                "method": {"name": method}, "data": {"source": "synthetic", "train": 2000}}
+        return load_edit_config(base, overrides)[0]
+    data = read_yaml_tree(config)
+    names = None
+    if data.get("variants"):
+        base_method = (data.get("method") or {}).get("name")
+        names = [str(v["name"]) for v in data["variants"] if isinstance(v, dict) and "name" in v
+                 and (v.get("method") or {}).get("name", base_method) == method]
+        if only:
+            names = [n for n in names if n == only]
+        if len(names) != 1:
+            raise UserError(f"{config}: {'no' if not names else len(names)} variant(s) use method {method!r}"
+                            + (f" ({', '.join(names)}); pick one with --only" if names else ""))
+    cfg = load_edit_config(config, overrides, only=names)[0]
+    if cfg.method.name != method:
+        raise UserError(f"{config}: its method is {cfg.method.name!r}, not {method!r}")
+    return cfg
+
+
+def cmd_fit(a) -> int:
+    """Meta-train a method on an edit config's train split and write its fitted weights."""
+    from .runs.edit_runner import fit_and_save
+
+    cfg = fit_config(a.config, list(a.overrides), a.what, a.only)
+    path = fit_and_save(cfg, a.out, ship=a.ship, command=a.command_line,
+                        log=(lambda *_: None) if a.quiet else print)
+    if a.quiet:
+        print(path)
+    else:
+        print(f"use them with  method: {{name: {a.what}, fitted: {path}}}  (or editor.load_fitted(path))")
     return 0
 
 
@@ -262,6 +305,18 @@ def parser() -> argparse.ArgumentParser:
     e.add_argument("-j", "--jobs", type=int, help="variants run at once, one process each (default: runtime.jobs)")
     e.add_argument("-q", "--quiet", action="store_true", help="no per-step logs")
     e.set_defaults(fn=cmd_edit)
+    f = sub.add_parser("fit", help="meta-train an editing method on an edit config's train split and write its "
+                       "fitted weights (docs/liveedit.md)")
+    f.add_argument("what", choices=["liveedit"])
+    f.add_argument("config", nargs="?", help="edit YAML (configs/edit_quickstart.yaml): its backbone, train split and "
+                   "the method's settings (the variant that uses the method)")
+    f.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. method.steps=2000 data.train=4000")
+    f.add_argument("--out", help="directory to write the fitted weights into")
+    f.add_argument("--ship", action="store_true", help="write them into the package (lifelong_moe/editing/weights/) "
+                   "with a manifest, for the shipped tiny VLM (maintainers)")
+    f.add_argument("--only", help="the variant to fit when several use the method")
+    f.add_argument("-q", "--quiet", action="store_true", help="print only the path of the fitted weights")
+    f.set_defaults(fn=cmd_fit)
     c = sub.add_parser("compare", help="plots and a metrics table for several runs")
     c.add_argument("runs", nargs="+")
     c.add_argument("-o", "--output", required=True)
@@ -295,7 +350,8 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     """Parse; ``run``'s ``key=value`` overrides may stand anywhere among its options."""
     p = parser()
     args, extra = p.parse_known_args(argv)
-    stray = [e for e in extra if e.startswith("-") or "=" not in e or args.command not in ("run", "pretrain", "bench", "sweep", "edit")]
+    stray = [e for e in extra if e.startswith("-") or "=" not in e
+             or args.command not in ("run", "pretrain", "bench", "sweep", "edit", "fit")]
     if stray:
         p.error(f"unrecognized arguments: {' '.join(stray)}")
     args.command_line = shlex.join(["lifelong-moe", *(sys.argv[1:] if argv is None else argv)])

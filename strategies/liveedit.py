@@ -18,6 +18,8 @@ a frozen VLM by generated low-rank experts, a vision-sentinel hard filter and so
 - :meth:`Method.fit` meta-trains generators, extractors and the residual's LayerNorm on train
   records with the reference's losses and expert masks (``liveedit.py:251-465``), resuming the
   frozen backbone *after* the hooked block (the reference runs that block twice in training).
+  The Editor refuses to edit until the method is fitted or has loaded fitted weights (``fitted``;
+  :mod:`lifelong_moe.editing.fitted`, ``lifelong-moe fit liveedit``).
 See ``docs/liveedit.md`` for every deviation from the reference."""
 from __future__ import annotations
 
@@ -43,6 +45,10 @@ from lifelong_moe.backbones.vlm import IGNORE
 __all__ = ["Params", "Method", "default_layer", "width_matched_lora_scale"]
 
 EDIT_KEYS = ("c", "r", "text_key", "vision_key")
+# the settings that determine the fitted weights (architecture and meta-training): the key of a fitted
+# artefact (lifelong_moe/editing/fitted.py); the others act at edit / answer time only
+WEIGHT_KEYS = ("layer", "rank", "module_dim", "heads", "slots", "lora_scale", "steps", "lr", "lr_cut_steps",
+               "batch_size", "seed")
 
 
 REFERENCE_WIDTH, REFERENCE_LORA_SCALE = 4096, 5.0
@@ -76,6 +82,10 @@ class Params(Strict):
                                      "its hooked-block states (memory: records x 4 x length x d floats); False "
                                      "reruns it every step (large backbones)")
     seed: int = Field(0, description="initialisation of the trainable modules")
+    fitted: str = Field("auto", min_length=1, description="where the Editor gets the meta-trained weights: 'auto' "
+                        "(the shipped ones when fitted on this backbone with these settings; else the edit runner "
+                        "meta-trains), 'none' (meta-train: Editor.fit), or the path of fitted weights "
+                        "(`lifelong-moe fit liveedit`); not part of the stored config")
 
     @field_validator("lora_scale")
     @classmethod
@@ -122,9 +132,11 @@ class Method:
 
     name = "liveedit"
     supports_delete = True
+    needs_fit = True  # the Editor refuses to edit until fitted (fit) or given fitted weights (load_state_dict)
 
     def __init__(self, params: Params | None = None):
         self.params = params or Params()
+        self.is_fitted = False
         self.vlm = None
         self.nets: _Nets | None = None
         self.layer: int | None = None
@@ -166,6 +178,7 @@ class Method:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             self.nets = _Nets(self.params, d, n_vision).to(self.vlm.device).eval()
+        self.is_fitted = False
 
     def detach(self) -> None:
         for h in self._hooks:
@@ -173,9 +186,16 @@ class Method:
         self._hooks, self.vlm, self._bank, self._route = [], None, None, None
 
     def config(self) -> dict:
-        """Params fields (what ``Editor.load`` validates and rebuilds from), ``layer`` resolved once attached."""
-        return {"name": self.name, **self.params.model_dump(),
+        """Params fields (what ``Editor.load`` validates and rebuilds from), ``layer`` resolved once attached;
+        not ``fitted`` (where the weights came from: a store holds the weights themselves)."""
+        return {"name": self.name, **self.params.model_dump(exclude={"fitted"}),
                 "layer": self.params.layer if self.layer is None else self.layer}
+
+    def fitted_key(self) -> dict:
+        """The settings that shape the fitted weights (:data:`WEIGHT_KEYS`, ``layer`` resolved): a fitted
+        artefact is used only where they are equal."""
+        c = self.config()
+        return {k: c[k] for k in WEIGHT_KEYS}
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         self._require()
@@ -190,6 +210,7 @@ class Method:
         except RuntimeError as e:
             raise UserError(f"liveedit: saved weights do not fit this configuration or backbone: "
                             f"{str(e).splitlines()[0]}") from None
+        self.is_fitted = True
 
     def _require(self):
         if self.vlm is None:
@@ -401,6 +422,7 @@ class Method:
         finally:
             self.nets.eval()
             self._bank = bank
+        self.is_fitted = True
         last = history[-min(20, len(history)):] if history else []
         return {"steps": p.steps, "train_records": len(usable), "seconds": round(time.perf_counter() - start, 2),
                 "frozen_pass_seconds": round(cache_seconds, 2),

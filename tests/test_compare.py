@@ -155,3 +155,39 @@ def test_many_tasks_and_runs_render(tmp_path):
     paths = compare_runs(dirs, tmp_path / "cmp")
     assert imread(paths["forgetting_curves.png"]).shape[0] > 300
     assert "| run0 | s | complete | 7/12 |" in paths["metrics.md"].read_text()
+
+
+def _figure_texts(fig) -> str:
+    """Every label, title, tick and legend text of a figure (and of its colour bars)."""
+    from matplotlib.text import Text
+
+    fig.canvas.draw()  # tick labels exist once drawn
+    return "\n".join(t.get_text() for t in fig.findobj(Text) if t.get_text())
+
+
+def test_edit_runs_are_plotted_in_edits_so_far_and_reliability_of_earlier_edits(tmp_path):
+    from lifelong_moe.report.compare import compare_figures
+
+    parts = ["edits 1-50", "edits 51-100"]
+    dirs = []
+    for name in ("liveedit", "retrieval"):
+        d = tmp_path / name
+        d.mkdir()
+        rec = {"schema_version": 1, "name": f"edit_quickstart/{name}", "strategy": name, "status": "complete",
+               "stream_kind": "edit", "metric_kind": "edit reliability (token accuracy)",
+               "tasks": [{"name": p, "edits": 50} for p in parts], "zero_shot": [0.4, 0.5],
+               "matrix": [[0.9, 0.5], [0.8, 0.95]], "metrics": {}}
+        (d / "results.json").write_text(json.dumps(rec))
+        dirs.append(d)
+    figs = compare_figures(dirs)
+    curves, average, heat = (_figure_texts(figs[k]) for k in ("forgetting_curves", "average_accuracy", "heatmaps"))
+    assert "edits so far" in curves and "reliability of these edits" in curves
+    assert figs["average_accuracy"].axes[0].get_xlabel() == "edits so far"
+    assert figs["average_accuracy"].axes[0].get_ylabel() == "reliability of earlier edits"
+    assert [t.get_text() for t in figs["average_accuracy"].axes[0].get_xticklabels()] == ["50", "100"]
+    assert "after 100 edits" in heat and "unedited" in heat
+    for text in (curves, average, heat):
+        assert "training experience" not in text and "task" not in text.lower() and "zero-shot" not in text
+    cl = compare_figures([make_run(tmp_path / "cl", matrix=[[0.9, 0.1, 0.0]], zero_shot=[0.5, 0.4, 0.3])])
+    assert cl["average_accuracy"].axes[0].get_xlabel() == "after training experience"  # continual runs unchanged
+    assert cl["average_accuracy"].axes[0].get_ylabel() == "average accuracy over seen tasks"

@@ -6,6 +6,12 @@
     editor.evaluate(records)                                   # reliability, generality, locality
     editor.save("my_edits"); editor = Editor.load("my_edits")
 
+A method that learns before it edits (``needs_fit``: LiveEdit's meta-trained generators and routers)
+must be fitted first: ``editor.fit(train_records)``, or its fitted weights loaded
+(``editor.load_fitted(path)``; made by ``editor.save_fitted(dir)`` or ``lifelong-moe fit liveedit``).
+Its ``fitted`` parameter ``auto`` (the default) loads the shipped fitted weights when they were fitted
+on this backbone with these settings (:mod:`.fitted`); until then ``edit()`` refuses.
+
 Every bad input raises one :class:`~lifelong_moe.errors.UserError` before the store or the model is
 touched. The store (:mod:`.store`) is the single source of truth: after every change the method is
 told the active edits (``EditMethod.set_edits``).
@@ -28,13 +34,15 @@ from .types import EditMethod, EditRecord
 
 def build_vlm(backbone: Any, device: str | torch.device | None = None, seed: int = 0):
     """A VisionLanguageModel from an instance, a backbone config mapping, or a name (a shipped tiny
-    VLM defaults to its synthetic pretraining); returns ``(vlm, config dict or None)``. A randomly
+    VLM defaults to its synthetic pretraining); returns ``(vlm, config dict or None, source)`` with
+    ``source`` = ``{"checkpoint": the weights' directory name or None, "shipped": bool}``. A randomly
     initialised model is drawn from ``seed`` (so a saved store can rebuild it)."""
-    from ..backbones.factory import load_vlm
+    from ..backbones.factory import SYNTHETIC, load_vlm, resolve_embedded
+    from ..backbones.shipped import SHIPPED_ROOT
     from ..backbones.vlm import VisionLanguageModel
 
     if isinstance(backbone, VisionLanguageModel):
-        return backbone, None
+        return backbone, None, {"checkpoint": None, "shipped": False}
     from ..config import format_validation_error
     from .config import EditBackboneConfig
 
@@ -51,13 +59,25 @@ def build_vlm(backbone: Any, device: str | torch.device | None = None, seed: int
         cfg = EditBackboneConfig.model_validate(dict(backbone))
     except ValidationError as e:
         raise UserError(format_validation_error(e, prefix="backbone")) from None
+    weights, pretrain = cfg.pretrained, cfg.pretrain
+    if weights == SYNTHETIC:  # the embedded model's checkpoint directory (shipped, or cached / trained)
+        weights, pretrain = resolve_embedded("vlm", cfg.name, SYNTHETIC, cfg.pretrain, progress=False), None
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        vlm = load_vlm(cfg.name, cfg.pretrained, pretrain=cfg.pretrain, download=cfg.download,
+        vlm = load_vlm(cfg.name, weights, pretrain=pretrain, download=cfg.download,
                        prompt_template=cfg.prompt_template, progress=False)
     if device is not None:
         vlm.to(device)
-    return vlm, cfg.model_dump(mode="json")
+    # a hub id or a directory carries its own weights; a tiny VLM without weights is randomly initialised
+    checkpoint = Path(weights).name if weights else (None if _is_tiny(cfg.name) else cfg.name)
+    shipped = weights is not None and SHIPPED_ROOT in Path(weights).parents
+    return vlm, cfg.model_dump(mode="json"), {"checkpoint": checkpoint, "shipped": shipped}
+
+
+def _is_tiny(name: str) -> bool:
+    from ..backbones.vlm_tiny import shipped_vlm_names
+
+    return name in shipped_vlm_names()
 
 
 class Editor:
@@ -69,7 +89,7 @@ class Editor:
 
     def __init__(self, backbone: Any, method: str | EditMethod = "liveedit", *, seed: int = 0,
                  device: str | torch.device | None = None, **params):
-        self.vlm, self.backbone_config = build_vlm(backbone, device, seed)
+        self.vlm, self.backbone_config, self.backbone_source = build_vlm(backbone, device, seed)
         self.seed = seed
         if isinstance(method, str):
             self.method = build_method(method, params)
@@ -83,6 +103,8 @@ class Editor:
         self.method.attach(self.vlm)
         self.store = EditStore(self._header())
         self.method.set_edits({})
+        self.fitted: dict | None = None  # where the method's fitted weights came from (None: not fitted here)
+        self._load_default_fitted()
 
     def _header(self) -> dict:
         return {"method": self.method.name, "method_config": self.method.config(),
@@ -132,23 +154,112 @@ class Editor:
         return [self._record(r, f"records[{i}]") for i, r in enumerate(records)]
 
     # ------------------------------------------------------------------ editing
-    def fit(self, train_records: Sequence[Any]) -> dict:
-        """Meta-train the method (LiveEdit) on ``train_records``; baselines return ``{}``."""
+    def fit(self, train_records: Sequence[Any], *, train: dict | None = None) -> dict:
+        """Meta-train the method (LiveEdit) on ``train_records``; baselines return ``{}``. ``train``
+        describes the split for :meth:`save_fitted` (default: the number of records and the seed)."""
         if len(self.store):
             raise UserError("fit() before editing: the store already holds edits (reset() first)")
-        return self.method.fit(self.records(train_records), seed=self.seed)
+        recs = self.records(train_records)
+        stats = self.method.fit(recs, seed=self.seed)
+        if self.needs_fit:
+            self.fitted = {"source": "meta-trained", "path": None, **stats,
+                           "train": train or {"source": "records", "records": len(recs), "seed": self.seed}}
+        return stats
+
+    # ------------------------------------------------------------------ fitted weights
+    @property
+    def needs_fit(self) -> bool:
+        """Whether the method learns before it edits (LiveEdit's meta-training)."""
+        return bool(getattr(self.method, "needs_fit", False))
+
+    @property
+    def is_fitted(self) -> bool:
+        return not self.needs_fit or bool(getattr(self.method, "is_fitted", False))
+
+    def backbone_identity(self) -> dict:
+        """Name, checkpoint directory, weight fingerprint and the tag fitted artefacts are named by."""
+        from .fitted import backbone_tag
+
+        name, ckpt = self.vlm.name, self.backbone_source.get("checkpoint")
+        return {"name": name, "checkpoint": ckpt, "fingerprint": self.fingerprint,
+                "tag": backbone_tag(name, ckpt, self.fingerprint)}
+
+    def save_fitted(self, directory: str | Path) -> Path:
+        """Write the method's fitted weights into ``directory`` (:mod:`.fitted`: a .safetensors and its
+        JSON, named for this backbone and the weight-shaping settings); return the .safetensors path."""
+        from . import fitted as F
+
+        if not self.needs_fit:
+            raise UserError(f"method {self.method.name!r} learns nothing before editing: nothing to save "
+                            "(its edits are saved with editor.save(dir))")
+        self._require_fitted("save_fitted")
+        info = self.fitted or {}
+        return F.save(directory, self.method, self.backbone_identity(),
+                      {"train": info.get("train"), "steps": info.get("steps"), "seconds": info.get("seconds"),
+                       "final_losses": info.get("final_losses")})
+
+    def load_fitted(self, path: str | Path, *, source: str = "path") -> dict:
+        """Load fitted weights (a .safetensors with its JSON, or a directory holding them); UserError if
+        they were fitted for another method, backbone or settings. Returns what was loaded."""
+        from . import fitted as F
+
+        if not self.needs_fit:
+            raise UserError(f"method {self.method.name!r} learns nothing before editing: it takes no fitted weights")
+        if len(self.store):
+            raise UserError("load_fitted() before editing: the store already holds edits (reset() first)")
+        ident = self.backbone_identity()
+        key = self.method.fitted_key()
+        artefact = F.locate(path, F.artefact_name(self.method.name, ident["tag"], key))
+        state, info = F.read(artefact)
+        F.check(info, self.method.name, key, ident, artefact)
+        self.method.load_state_dict(state)
+        self.method.set_edits(self.store.method_view())
+        self.fitted = {"source": source, "path": str(artefact), "steps": info.get("steps"),
+                       "seconds": info.get("train_seconds"), "final_losses": info.get("final_losses"),
+                       "train": info.get("train")}
+        return self.fitted
+
+    def _load_default_fitted(self) -> None:
+        """The method's ``fitted`` setting: ``auto`` loads the shipped artefact named for this backbone
+        and these settings if there is one, a path loads that artefact, ``none`` nothing."""
+        from . import fitted as F
+
+        choice = getattr(getattr(self.method, "params", None), "fitted", "none")
+        if not self.needs_fit or self.is_fitted or choice == "none":
+            return
+        if choice != "auto":
+            self.load_fitted(choice)
+            return
+        shipped = F.find_shipped(self.method.name, self.backbone_identity()["tag"], self.method.fitted_key())
+        if shipped is not None and F.fitted_on(shipped) == self.fingerprint:  # else: not this backbone, no match
+            F.verify_shipped(shipped)
+            self.load_fitted(shipped, source="shipped")
+
+    def _require_fitted(self, what: str = "edit") -> None:
+        if self.is_fitted:
+            return
+        name = self.method.name
+        raise UserError(
+            f"{what}: {name} is not fitted: its edits come from weights meta-trained before editing, and this "
+            f"editor's are freshly initialised (no fitted weights were given, and none shipped for this backbone "
+            f"with these settings). Fit them: editor.fit(train_records) (the edit runner does so with data.train > 0), "
+            f"or load fitted ones: editor.load_fitted(path) or the method setting fitted=<path> "
+            f"(`lifelong-moe fit {name} CONFIG --out DIR` makes them)")
 
     def edit(self, image: Any = None, prompt: str = "", target: str = "", **fields) -> str:
         """Apply one edit; return its id. ``image``: a path, a PIL image, a pixel tensor or None;
         other MMEdit fields (``rephrase``, ``loc``, ...) may be given and are kept with the request."""
+        self._require_fitted()
         rec = self._record({"image": image, "src": prompt, "alt": target, **fields}, "edit")
         return self._apply([rec])[0]
 
     def edit_batch(self, records: Sequence[Any]) -> list[str]:
         """Apply MMEdit-style records in order (all validated first); return their ids."""
+        self._require_fitted("edit_batch")
         return self._apply(self.records(records))
 
     def _apply(self, recs: Sequence[EditRecord]) -> list[str]:
+        self._require_fitted()
         snap = self._snapshot()
         ids = []
         try:
@@ -226,6 +337,7 @@ class Editor:
         then score every record (LiveEdit's lifelong protocol); otherwise each edit is applied alone,
         scored and undone. Locality is measured against the model as it was before these edits
         (outputs cached first). ``keep``: leave the sequential edits in the store (else undone)."""
+        self._require_fitted("evaluate")
         recs = self.records(records)
         pre = M.cache_pre_edit(self.vlm, recs, batch_size, max_new_tokens)
         snap = self._snapshot()
@@ -251,6 +363,7 @@ class Editor:
 
     # ------------------------------------------------------------------ persistence
     def save(self, directory: str | Path) -> Path:
+        self._require_fitted("save")  # a store always holds fitted weights
         return self.store.save(directory, self.method.state_dict())
 
     @classmethod
@@ -265,13 +378,17 @@ class Editor:
             if backbone is None:
                 raise UserError(f"edit store {d} was saved from a backbone object; pass it: Editor.load(dir, backbone=vlm)")
         name = index["method"]
-        editor = cls(backbone, build_method(name, validate_method(name, index["method_config"])), device=device,
-                     seed=int(index["backbone"].get("seed", 0)))
+        params = validate_method(name, index["method_config"])
+        if "fitted" in type(params).model_fields:  # the store holds the fitted weights: load no others first
+            params = params.model_copy(update={"fitted": "none"})
+        editor = cls(backbone, build_method(name, params), device=device, seed=int(index["backbone"].get("seed", 0)))
         check_compatible(index, editor._header(), d)
         store, state = EditStore.load(d)
         editor.store = store
         editor.method.load_state_dict(state)
         editor.method.set_edits(store.method_view())
+        if editor.needs_fit:
+            editor.fitted = {"source": "store", "path": str(d)}
         return editor
 
 

@@ -22,7 +22,7 @@ from .aggregate import aggregated, group_runs, paired
 from ..errors import UserError
 from ..io import write_text
 from .paper_tables import latex_table, markdown_table
-from .plots import average_accuracy, forgetting_curves, heatmaps, palette, save_png
+from .plots import CONTINUAL, EDIT, average_accuracy, forgetting_curves, heatmaps, palette, save_png
 
 SCHEMA_VERSIONS = (1,)
 
@@ -261,13 +261,16 @@ def _as_runs(runs, labels=None) -> list[RunResult]:
 
 def compare_figures(runs, *, labels=None) -> dict[str, Figure]:
     """The comparison figures as matplotlib objects: ``forgetting_curves``, ``average_accuracy``,
-    ``heatmaps``; runs that differ only by seed are drawn as one mean line with a +-1 std band."""
+    ``heatmaps``; runs that differ only by seed are drawn as one mean line with a +-1 std band. Edit
+    runs (``stream_kind: edit``, :mod:`lifelong_moe.runs.edit_runner`) are labelled in edits so far and
+    reliability of earlier edits (:data:`.plots.EDIT`)."""
     runs = _as_runs(runs, labels)
     groups = group_runs(runs)
     show_n, tasks, colors = aggregated(groups), task_axis(runs), palette(len(groups))
-    return {"forgetting_curves": forgetting_curves(groups, tasks, colors, show_n),
-            "average_accuracy": average_accuracy(groups, tasks, colors, show_n),
-            "heatmaps": heatmaps(groups, tasks, show_n)}
+    words = EDIT if all(r.stream_kind == "edit" for r in runs) else CONTINUAL  # edit runs: edits, not tasks
+    return {"forgetting_curves": forgetting_curves(groups, tasks, colors, show_n, words),
+            "average_accuracy": average_accuracy(groups, tasks, colors, show_n, words),
+            "heatmaps": heatmaps(groups, tasks, show_n, words)}
 
 
 def compare_runs(run_dirs, out_dir, *, labels=None) -> dict[str, Path]:

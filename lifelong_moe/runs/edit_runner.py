@@ -14,6 +14,13 @@ accuracy) on every part after parts 0..i were applied, so ``metrics`` / ``compar
 forgetting of edits as they read forgetting of tasks. ``edit_metrics.csv`` and
 ``results.json["extra"]["edit_table"]`` hold the metrics per edit count.
 
+Fitted weights: a method that learns before it edits (LiveEdit) is meta-trained on the train split,
+unless the Editor already holds fitted weights: ``fitted: <path>``, or (``fitted: auto``, the default)
+the shipped ones when they were fitted on this backbone with these settings and, if the config has a
+train split, on the same one (:mod:`lifelong_moe.editing.fitted`); the log says which.
+``lifelong-moe fit liveedit CONFIG --out DIR`` (:func:`fit_and_save`) meta-trains on a config's train
+split and writes the fitted weights, ``--ship`` into the package with a manifest.
+
 Resuming (``resume=True``, ``lifelong-moe edit --resume``): the table is saved after every edit
 count and the meta-trained weights after the fit (``checkpoints/fit.safetensors``), so a stopped
 run reloads the weights instead of meta-training again and continues at the first edit count it had
@@ -44,22 +51,44 @@ def output_dir(cfg: EditConfig, override: str | Path | None = None) -> Path:
 
 def load_data(cfg: EditConfig, vlm):
     """``(train records, eval records)``; UserError on a missing or malformed source."""
+    return load_train(cfg, vlm), load_eval(cfg, vlm)
+
+
+def _synthetic():
+    try:
+        from ..streams.edit_synthetic import edit_records
+    except ModuleNotFoundError:
+        raise UserError("data.source: synthetic needs streams/edit_synthetic.py (not in this installation); "
+                        "use data.source: json") from None
+    return edit_records
+
+
+def load_train(cfg: EditConfig, vlm) -> list:
+    """The meta-training records (``data.train`` synthetic ones, or ``data.train_path`` cut to ``data.train``)."""
     d = cfg.data
     if d.source == "synthetic":
-        try:
-            from ..streams.edit_synthetic import edit_records
-        except ModuleNotFoundError:
-            raise UserError("data.source: synthetic needs streams/edit_synthetic.py (not in this installation); "
-                            "use data.source: json") from None
-        train = edit_records("train", d.train, seed=cfg.seed) if d.train else []
-        return train, edit_records("test", d.eval, seed=cfg.seed)
+        return _synthetic()("train", d.train, seed=cfg.seed) if d.train else []
     from ..editing.records import load_records
 
     train = load_records(d.train_path, vlm, image_root=d.image_root, ignore_fields=d.ignore_fields) \
         if d.train_path else []
-    if d.train and train:
-        train = train[:d.train]
-    return train, load_records(d.eval_path, vlm, image_root=d.image_root, limit=d.eval, ignore_fields=d.ignore_fields)
+    return train[:d.train] if d.train and train else train
+
+
+def load_eval(cfg: EditConfig, vlm) -> list:
+    d = cfg.data
+    if d.source == "synthetic":
+        return _synthetic()("test", d.eval, seed=cfg.seed)
+    from ..editing.records import load_records
+
+    return load_records(d.eval_path, vlm, image_root=d.image_root, limit=d.eval, ignore_fields=d.ignore_fields)
+
+
+def describe_train(cfg: EditConfig, n: int) -> dict:
+    """The train split a fit used (recorded with fitted weights; ``fitted: auto`` compares it)."""
+    d = cfg.data
+    return {"source": d.source, "records": n, "seed": cfg.seed,
+            **({"path": Path(d.train_path).name} if d.source == "json" and d.train_path else {})}
 
 
 def new_record(cfg: EditConfig, parts: list[tuple[int, int]], params: dict) -> dict:
@@ -123,6 +152,79 @@ def _fit_checkpoint(run_dir: R.RunDir) -> Path:
     return run_dir.path / "checkpoints" / "fit.safetensors"
 
 
+def fit_plan(cfg: EditConfig, editor, train: list) -> tuple[str, str]:
+    """``(plan, why)`` before editing: ``fit`` (meta-train on ``train``; baselines: a no-op),
+    ``loaded`` (the editor holds fitted weights) or ``none`` (nothing to learn). Shipped weights fitted
+    on another train split than this config's are set aside for a fit. UserError when the method needs
+    fitting and neither is possible (before anything is written)."""
+    if not editor.needs_fit:
+        return ("fit" if train else "none"), ""
+    got = editor.fitted if editor.is_fitted else None
+    if got is not None and got.get("source") == "shipped" and train:
+        mine = describe_train(cfg, len(train))
+        if got.get("train") != mine:
+            return "fit", (f"{cfg.method.name}: the shipped fitted weights {Path(got['path']).name} were fitted on "
+                           f"{got.get('train')}, this config's train split is {mine}: meta-training")
+    if got is not None:
+        where = "shipped " if got.get("source") == "shipped" else ""
+        return "loaded", (f"{cfg.method.name}: {where}fitted weights loaded from {got['path']} ({got.get('steps')} "
+                          f"steps on {got.get('train')}) instead of meta-training")
+    if train:
+        given = "fitted: none" if getattr(cfg.method_params(), "fitted", "auto") == "none" else \
+            "no fitted weights shipped for this backbone with these settings"
+        return "fit", f"{cfg.method.name}: meta-training on {len(train)} train records ({given})"
+    raise UserError(f"{cfg.method.name} needs fitted weights: data.train is 0 (nothing to meta-train on) and no "
+                    f"fitted weights match this backbone and these settings; set data.train, or method.fitted="
+                    f"<path> (`lifelong-moe fit {cfg.method.name} CONFIG --out DIR` makes them)")
+
+
+def fit_and_save(cfg: EditConfig, out: str | Path | None, *, ship: bool = False, command: str = "",
+                 log=print) -> Path:
+    """``lifelong-moe fit``: meta-train ``cfg``'s method on its train split and write the fitted weights
+    into ``out`` (:mod:`lifelong_moe.editing.fitted`), or with ``ship`` into the package's
+    ``editing/weights/<method>/`` with a manifest (the shipped tiny VLM only). Returns the .safetensors path."""
+    from ..editing import fitted as F
+    from ..editing.editor import Editor
+    from ..editing.registry import build_method
+
+    if ship and out:
+        raise UserError("--ship writes into the package's editing/weights/; it takes no --out")
+    if not ship and not out:
+        raise UserError("fit: give --out DIR (or --ship, maintainers)")
+    b = cfg.backbone
+    if ship and (b.pretrained != "synthetic" or b.pretrain or F.shipped_backbone(b.name) is None):
+        raise UserError(f"--ship: fitted weights are shipped for the shipped tiny VLM only (backbone: {{name: "
+                        f"lmoe-tiny-llava, pretrained: synthetic}}, default recipe, shipped: lifelong-moe pretrain vlm "
+                        f"--ship); this config's backbone is {b.model_dump(exclude_none=True)}")
+    if not cfg.data.train and not cfg.data.train_path:
+        raise UserError("fit: the config has no train split (data.train is 0); set data.train=N")
+    with torch_threads(cfg.runtime.threads):
+        from ..runtime.device import resolve_device
+        from ..runs.runner import seed_everything
+
+        seed_everything(cfg.seed)
+        params = cfg.method_params()
+        if "fitted" in type(params).model_fields:  # fit from scratch: load nothing first
+            params = params.model_copy(update={"fitted": "none"})
+        method = build_method(cfg.method.name, params)
+        if not getattr(method, "needs_fit", False):
+            raise UserError(f"method {cfg.method.name!r} learns nothing before editing: nothing to fit")
+        editor = Editor(cfg.backbone.model_dump(mode="json"), method, seed=cfg.seed,
+                        device=resolve_device(cfg.runtime.device))
+        if ship and not editor.backbone_source.get("shipped"):
+            raise UserError("--ship: the backbone did not resolve to the shipped tiny VLM")
+        train = load_train(cfg, editor.vlm)
+        log(f"[{cfg.name}] meta-training {cfg.method.name} on {len(train)} train records "
+            f"({getattr(cfg.method_params(), 'steps', '?')} steps)")
+        stats = editor.fit(train, train=describe_train(cfg, len(train)))
+    path = editor.save_fitted(F.shipped_dir(cfg.method.name) if ship else out)
+    log(f"[{cfg.name}] fitted in {stats.get('seconds')} s (final losses {stats.get('final_losses')}): {path}")
+    if ship:
+        manifest, removed = F.ship(path, command)
+        log(f"shipped: {manifest}" + (f" (removed {', '.join(removed)})" if removed else ""))
+    return path
+
+
 def _run(cfg: EditConfig, run_dir: R.RunDir, *, resume: bool, overwrite: bool, log) -> Path:
     from ..editing.editor import Editor
 
@@ -131,8 +233,9 @@ def _run(cfg: EditConfig, run_dir: R.RunDir, *, resume: bool, overwrite: bool, l
         log(f"[{cfg.name}] {run_dir.path} is complete; nothing to resume")
         return run_dir.path
     t0 = time.perf_counter()
-    editor = Editor.from_edit_config(cfg)
+    editor = Editor.from_edit_config(cfg)  # loads fitted weights (fitted: <path>, or shipped ones that match)
     train, evals = load_data(cfg, editor.vlm)
+    plan, why = fit_plan(cfg, editor, train)
     ev = cfg.evaluation
     biggest = ev.edit_counts[-1]
     if len(evals) < biggest:
@@ -156,16 +259,23 @@ def _run(cfg: EditConfig, run_dir: R.RunDir, *, resume: bool, overwrite: bool, l
         run_dir.start(cfg, record)
     extra = record.setdefault("extra", {})
     t = time.perf_counter()
-    if train and resume and ckpt.is_file():
+    if plan == "fit" and resume and ckpt.is_file():
         from safetensors.torch import load_file
 
         editor.method.load_state_dict(load_file(str(ckpt)))
         fit_log = extra.get("fit", {})
         log(f"[{cfg.name}] meta-trained weights reloaded from {ckpt}")
+    elif plan == "loaded":
+        log(f"[{cfg.name}] {why}")
+        fit_log = {"loaded": editor.fitted}
+        extra["fit"] = _jsonable(fit_log)
+        run_dir.write_record(record)
     else:
-        fit_log = editor.fit(train) if train else {}
+        if why:
+            log(f"[{cfg.name}] {why}")
+        fit_log = editor.fit(train, train=describe_train(cfg, len(train))) if plan == "fit" else {}
         record["timings"]["fit_s"] = round(time.perf_counter() - t, 3)
-        if train and cfg.output.checkpoints:
+        if plan == "fit" and cfg.output.checkpoints:
             from safetensors.torch import save_file
 
             ckpt.parent.mkdir(parents=True, exist_ok=True)
