@@ -501,27 +501,39 @@ class Method:
         loc_on = on[3 * b:]
         losses = {"rel": per_sample[rel].mean(), "gen": per_sample[b:2 * b].mean() + per_sample[2 * b:3 * b].mean(),
                   "loc": ((kl * loc_on).sum(1) / loc_on.sum(1).clamp_min(1)).mean()}
-        # soft routing (liveedit.py:424-438): input j (rel / gen / loc) against edit-side features of
-        # each sample: the edit itself for rel / gen inputs, the same loc item for a loc input
+        # routing pairs as the reference draws them (liveedit.py:321-349). Row kinds: 0 rel, 1 text gen,
+        # 2 image gen, 3 loc; "gen" is one of the two at random.
         idx = torch.arange(b, device=dev)
-        kind = torch.as_tensor(rng.integers(0, 4, b), device=dev)
-        rows = kind * b + idx
-        edit_rows = torch.where(kind == 3, 3 * b + idx, idx)
+
+        def rel_or_gen(n: np.ndarray) -> np.ndarray:  # 0 -> rel, 1 -> a generality item
+            return np.where(n == 0, 0, rng.integers(1, 3, b))
+
+        def pairs(in_kind: np.ndarray, edit_kind: np.ndarray):
+            return (torch.as_tensor(in_kind * b, device=dev) + idx, torch.as_tensor(edit_kind * b, device=dev) + idx)
+
+        # neighbour pairs: input rel, gen or loc of sample j (a third each); edit side rel or gen again for a
+        # rel / gen input (the two are neighbours), the same loc item for a loc input
+        n1 = rng.integers(0, 3, b)
+        rows, edit_rows = pairs(np.where(n1 == 2, 3, rel_or_gen(np.minimum(n1, 1))),
+                                np.where(n1 == 2, 3, rel_or_gen(rng.integers(0, 2, b))))
+        # soft routing (liveedit.py:424-438): relative (softmax over the batch's edits) and absolute (sigmoid,
+        # one cyclic negative) text-routing losses on the neighbour pairs
         s = slot_similarity(psi_in[rows], psi_edit[edit_rows])
         losses["route_rel"] = F.cross_entropy(s, idx)
         losses["route_abs"] = -(F.logsigmoid(s[idx, idx]) + F.logsigmoid(-s[idx, (idx - 1) % b])).mean()
-        # hard routing (liveedit.py:439-458): visual similarities with a sentinel column; a related
-        # pair must beat every other edit and the sentinel, an unrelated one must lose to the sentinel
-        kind = torch.as_tensor(rng.integers(0, 4, b), device=dev)
-        side_loc = torch.as_tensor(rng.random(b) < 0.5, device=dev)
-        rows = kind * b + idx
-        edit_rows = torch.where(side_loc, 3 * b + idx, idx)
-        v = slot_similarity(phi_in[rows], phi_edit[edit_rows])
-        sentinel = paired_similarity(phi_in[rows], ie.sentinel_vision(h[rows], pm[rows]))
-        logp = torch.cat([v, sentinel[:, None]], 1).log_softmax(-1)
-        related = (kind == 3) == side_loc
-        target = torch.where(related, idx, torch.full_like(idx, b))
-        picked = logp[idx, target]
-        losses["hard_neighbour"] = -(picked * related).sum() / related.sum().clamp_min(1)
-        losses["hard_sentinel"] = -(picked * ~related).sum() / (~related).sum().clamp_min(1)
+
+        def hard_routing(rows, edit_rows) -> torch.Tensor:
+            """[b, b + 1] visual similarities of input j to edit k, and to j's sentinel (last column)."""
+            v = slot_similarity(phi_in[rows], phi_edit[edit_rows])
+            sentinel = paired_similarity(phi_in[rows], ie.sentinel_vision(h[rows], pm[rows]))
+            return torch.cat([v, sentinel[:, None]], 1)
+
+        # hard routing (liveedit.py:439-458), two softmaxes over b edits + the sentinel: on the neighbour
+        # pairs the own edit must beat every other edit and the sentinel; on unrelated pairs (a rel / gen
+        # input against the loc items, or a loc input against rel / gen items) the sentinel must win
+        losses["hard_neighbour"] = F.cross_entropy(hard_routing(rows, edit_rows), idx)
+        n = rng.integers(0, 2, b)
+        rows, edit_rows = pairs(np.where(n == 0, rel_or_gen(rng.integers(0, 2, b)), 3),
+                                np.where(n == 0, 3, rel_or_gen(rng.integers(0, 2, b))))
+        losses["hard_sentinel"] = F.cross_entropy(hard_routing(rows, edit_rows), torch.full_like(idx, b))
         return losses
