@@ -128,11 +128,13 @@ def fit_config(config: str | None, overrides: list[str], method: str, only: str 
 
 def cmd_fit(a) -> int:
     """Meta-train a method on an edit config's train split and write its fitted weights."""
+    from .provenance import git_commit
     from .runs.edit_runner import fit_and_save
 
     cfg = fit_config(a.config, list(a.overrides), a.what, a.only)
+    commit = git_commit()  # the code that trains, read before anything can change the tree
     path = fit_and_save(cfg, a.out, ship=a.ship, command=a.command_line,
-                        log=(lambda *_: None) if a.quiet else print)
+                        log=(lambda *_: None) if a.quiet else print, commit=commit)
     if a.quiet:
         print(path)
     else:

@@ -12,9 +12,18 @@ from lifelong_moe.backbones.pretrain_vlm import VlmPretrainConfig, checkpoint_di
 from lifelong_moe.cli import main
 from lifelong_moe.errors import UserError
 
-ARTEFACTS = S.shipped_artefacts()
+def _all_shipped() -> list[Path]:
+    """The backbones' shipped weights and the editing methods' fitted ones (same manifests)."""
+    from lifelong_moe.editing.fitted import FITTED_ROOT
+
+    return S.shipped_artefacts() + sorted(p.with_name(p.name[: -len(S.MANIFEST_SUFFIX)])
+                                          for p in FITTED_ROOT.rglob("*" + S.MANIFEST_SUFFIX))
+
+
+ARTEFACTS = _all_shipped()
 SMALL = {"clip": ["steps=2", "supervised_steps=2", "batch_size=8", "warmup_steps=1", "eval_test_per_class=1"],
-         "vlm": ["steps=2", "vision_steps=2", "batch_size=8", "warmup_steps=1", "eval_test=2", "eval_probe=0"]}
+         "vlm": ["steps=2", "vision_steps=2", "batch_size=8", "warmup_steps=1", "eval_test=2", "eval_probe=0"],
+         "liveedit": ["method.steps=2", "data.train=4", "data.eval=2"]}
 
 
 def test_both_embedded_models_are_shipped_within_the_size_budget():
@@ -28,7 +37,7 @@ def test_both_embedded_models_are_shipped_within_the_size_budget():
 def test_every_shipped_file_matches_its_manifest(artefact):
     assert S.verify(artefact) == []
     m = S.read_manifest(artefact)
-    assert m["command"].startswith("lifelong-moe pretrain ") and "--ship" in m["command"]
+    assert m["command"].startswith(("lifelong-moe pretrain ", "lifelong-moe fit ")) and "--ship" in m["command"]
     assert m["steps"] > 0 and m["wall_seconds"] > 0 and m["commit"]
 
 
@@ -51,8 +60,10 @@ def test_a_recipe_override_trains_into_the_users_cache(tmp_path):
 @pytest.mark.parametrize("artefact", ARTEFACTS, ids=[a.name for a in ARTEFACTS])
 def test_the_producing_command_runs_at_a_small_budget(artefact, tmp_path, capsys):
     argv = shlex.split(S.read_manifest(artefact)["command"])[1:]
-    kind = argv[1]
-    argv = [a for a in argv if a != "--ship"] + SMALL[kind] + ["--cache-dir", str(tmp_path), "-q"]
+    kind, where = argv[1], ("--cache-dir" if argv[0] == "pretrain" else "--out")
+    root = Path(__file__).resolve().parents[1]  # a config the command names, relative to the repository
+    argv = [str(root / a) if a.endswith(".yaml") and (root / a).is_file() else a for a in argv if a != "--ship"]
+    argv += SMALL[kind] + [where, str(tmp_path), "-q"]
     assert main(argv) == 0
     out = Path(capsys.readouterr().out.strip().splitlines()[-1])
     assert tmp_path in out.parents and out.exists()

@@ -190,7 +190,7 @@ def verify_shipped(artefact: Path) -> None:
                         "reinstall the package, or set fitted: none")
 
 
-def ship(artefact: Path, command: str) -> tuple[Path, list[str]]:
+def ship(artefact: Path, command: str, commit: str | None = None) -> tuple[Path, list[str]]:
     """Make an artefact written under :data:`FITTED_ROOT` a shipped one: write its manifest (files
     with sha256, ``command``, the key and backbone as its config, steps, wall time, commit) and remove
     the same method's artefacts fitted on another checkpoint of the same backbone model (they can no
@@ -203,7 +203,7 @@ def ship(artefact: Path, command: str) -> tuple[Path, list[str]]:
     info = read_json(info_path(artefact))
     manifest = write_manifest(artefact, command=command, info={
         "config": {"method": info["method"], "key": info["key"], "backbone": info["backbone"], "train": info["train"]},
-        "steps": info.get("steps"), "train_seconds": info.get("train_seconds")})
+        "steps": info.get("steps"), "train_seconds": info.get("train_seconds")}, commit=commit)
     removed = []
     for other in sorted(artefact.parent.glob("*.safetensors")):
         if other == artefact or not info_path(other).is_file():

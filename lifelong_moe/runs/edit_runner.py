@@ -179,7 +179,7 @@ def fit_plan(cfg: EditConfig, editor, train: list) -> tuple[str, str]:
 
 
 def fit_and_save(cfg: EditConfig, out: str | Path | None, *, ship: bool = False, command: str = "",
-                 log=print) -> Path:
+                 log=print, commit: str | None = None) -> Path:
     """``lifelong-moe fit``: meta-train ``cfg``'s method on its train split and write the fitted weights
     into ``out`` (:mod:`lifelong_moe.editing.fitted`), or with ``ship`` into the package's
     ``editing/weights/<method>/`` with a manifest (the shipped tiny VLM only). Returns the .safetensors path."""
@@ -220,7 +220,7 @@ def fit_and_save(cfg: EditConfig, out: str | Path | None, *, ship: bool = False,
     path = editor.save_fitted(F.shipped_dir(cfg.method.name) if ship else out)
     log(f"[{cfg.name}] fitted in {stats.get('seconds')} s (final losses {stats.get('final_losses')}): {path}")
     if ship:
-        manifest, removed = F.ship(path, command)
+        manifest, removed = F.ship(path, command, commit)
         log(f"shipped: {manifest}" + (f" (removed {', '.join(removed)})" if removed else ""))
     return path
 
