@@ -7,15 +7,15 @@ import numpy as np
 import pytest
 
 from lifelong_moe.cli import main
-from lifelong_moe.streams.vqa_synthetic import HELD_OUT_TYPES, chance_level
+from lifelong_moe.streams.vqa_synthetic import HELD_OUT_TYPES, PRETRAIN_TYPES, chance_level
 
 from conftest import CONFIGS
 
 pytestmark = pytest.mark.slow
 
 VARIANTS = ["zeroshot", "lora", "replay", "lwf", "cl_moe"]
-LEARNED_IN_PRETRAINING = ["location", "count", "color"]  # clearly above chance zero-shot (recognition and
-# judge are pretrained too, but the tiny model learns them weakly: recognition ~2x chance, judge at chance)
+# Margins: each floor is at most half the smallest value measured at seeds 0, 1 and 2 (docs/cl_moe.md,
+# "Seeds, and the e2e test's margins"), on the shipped tiny VLM
 
 
 @pytest.fixture(scope="module")
@@ -43,8 +43,8 @@ def test_zero_shot_knows_the_pretrained_types_and_not_the_held_out_ones(runs):
     zs = dict(zip(types(r), r["zero_shot"]))
     assert types(r) == ["recognition", "location", "judge", "commonsense", "count", "action", "color", "type",
                         "subcategory", "causal"]  # VQACL's order
-    for t in LEARNED_IN_PRETRAINING:
-        assert zs[t] >= chance_level(t) + 0.15, (t, zs[t])
+    for t in PRETRAIN_TYPES:  # judge is the weakest: +18 to +30 points
+        assert zs[t] >= chance_level(t) + 0.09, (t, zs[t])
     for t in HELD_OUT_TYPES:  # never asked in pretraining: at most chance (mostly 0: wrong answer words)
         assert zs[t] <= chance_level(t) + 0.05, (t, zs[t])
     assert r["matrix"] == [r["zero_shot"]] * 10  # the frozen model, scored once per test set
@@ -55,14 +55,17 @@ def test_sequential_lora_learns_new_types_and_forgets_earlier_ones(runs):
     A = np.asarray(r["matrix"])
     held = [types(r).index(t) for t in HELD_OUT_TYPES]
     assert A.shape == (10, 10)
-    assert np.mean(np.diag(A)[held] - zs[held]) >= 0.15  # learned right after training on them
+    assert np.mean(np.diag(A)[held] - zs[held]) >= 0.3  # learned right after training on them
+    for i in held:  # each above its chance (action, the hardest, +8 to +28 points; the others +22 or more)
+        assert A[i, i] >= chance_level(types(r)[i]) + 0.04, (types(r)[i], A[i, i])
     assert metric(r, "forgetting") >= 0.25 and metric(r, "bwt") <= -0.2
-    assert A[-1, types(r).index("location")] <= zs[types(r).index("location")] - 0.3  # the old skill is gone
+    pre = [types(r).index(t) for t in PRETRAIN_TYPES]
+    assert np.mean(zs[pre] - A[-1, pre]) >= 0.15  # the pretrained skills fall (measured: 33 to 49 points)
 
 
 def test_replay_forgets_less_than_sequential_lora(runs):
-    assert metric(runs["replay"], "forgetting") <= metric(runs["lora"], "forgetting") - 0.1
-    assert metric(runs["replay"], "vqacl_ap") >= metric(runs["lora"], "vqacl_ap") + 0.1
+    assert metric(runs["replay"], "forgetting") <= metric(runs["lora"], "forgetting") - 0.15
+    assert metric(runs["replay"], "vqacl_ap") >= metric(runs["lora"], "vqacl_ap") + 0.15
 
 
 def test_every_run_records_answer_metrics_and_vqacl_scores(runs):
@@ -80,13 +83,13 @@ def test_cl_moe_trains_its_experts_and_records_routing(runs):
     r, zs = runs["cl_moe"], np.asarray(runs["zeroshot"]["zero_shot"])
     A = np.asarray(r["matrix"])
     held = [types(r).index(t) for t in HELD_OUT_TYPES]
-    # it learns new answer words (zero-shot scores 0 on the held-out types), damped by the momentum
-    # merge, and the merge keeps it from forgetting as sequential LoRA does. Margins from seeds 0, 1, 2
-    # (docs/cl_moe.md): held-out gain 0.025-0.03, AF 0.21-0.28 below LoRA's, AP 0.10-0.155 above it
-    # (0.035-0.085, 0.16-0.29 and 0.06-0.19 with the merge rule before previous_experts: last_task)
-    assert np.mean(np.diag(A)[held] - zs[held]) >= 0.01
-    assert metric(r, "vqacl_af") <= metric(runs["lora"], "vqacl_af") - 0.08
-    assert metric(r, "vqacl_ap") >= metric(runs["lora"], "vqacl_ap") + 0.03
+    # it learns the new types, damped by the momentum merge (the release's lambda 0.7 keeps 30 % of a
+    # task's update), and the merge keeps it from forgetting as sequential LoRA does: AF at most a third
+    # of LoRA's, AP above the frozen model's and LoRA's
+    assert np.mean(np.diag(A)[held] - zs[held]) >= 0.03
+    assert 3 * metric(r, "vqacl_af") <= metric(runs["lora"], "vqacl_af")
+    assert metric(r, "vqacl_ap") >= metric(runs["zeroshot"], "vqacl_ap") + 0.01
+    assert metric(r, "vqacl_ap") >= metric(runs["lora"], "vqacl_ap") + 0.08
     rec = r["extra"]["cl_moe"]
     assert set(rec["usage"]) == {t["name"] for t in r["tasks"]}
     assert rec["switches"]["merge"] == "paper" and rec["switches"]["task_router"] == "paper"
