@@ -300,7 +300,7 @@ def test_generation_applies_the_experts_at_every_cached_step(vlm, method, record
     recs = records[:4]
     x, qs = torch.stack([r.image for r in recs]), [r.src for r in recs]
     edits = {str(i): forced(method, r, image_batch(vlm, [r]), accept=True) for i, r in enumerate(recs)}
-    boost = 3.0 / method.nets.gen_c.scale  # untrained experts are small: scale them up until they change answers
+    boost = 10.0 / method.nets.gen_c.scale  # untrained experts are small: scale them up until they change answers
     for e in edits.values():
         e["c"], e["r"] = e["c"] * boost, e["r"] * boost
     method.set_edits(edits)

@@ -339,14 +339,19 @@ def test_pretrain_vlm_learns_caches_and_loads_like_a_user_directory(capsys):
         assert torch.equal(a, b)
     assert all(not p.requires_grad for p in vlm.parameters())
     assert vlm.prompt_template == "<image> question: {question} answer:"
-    # the vision tower is the tiny CLIP's, unchanged by pretraining (LLaVA: a frozen CLIP under the LLM)
+    # the vision tower is the tiny CLIP's: trained further by stage 0 (vision_steps), then frozen under the
+    # LLM (LLaVA); without stage 0 it is the CLIP's, unchanged
     from lifelong_moe.backbones.clip import create_clip
     from lifelong_moe.backbones.pretrain_clip import resolve_synthetic
     from lifelong_moe.backbones.vlm_tiny import convert_open_clip_visual
 
     clip, *_ = create_clip("lmoe-tiny-vit", resolve_synthetic("lmoe-tiny-vit", progress=False))
+    clip_tower = convert_open_clip_visual(clip.visual)
     tower = vlm.model.model.vision_tower.state_dict()
-    assert all(torch.equal(tower[k], v) for k, v in convert_open_clip_visual(clip.visual).items())
+    assert not all(torch.equal(tower[k], v) for k, v in clip_tower.items())
+    plain = load_vlm("lmoe-tiny-llava", "synthetic", pretrain={**small, "steps": 3, "vision_steps": 0}, progress=False)
+    tower = plain.model.model.vision_tower.state_dict()
+    assert all(torch.equal(tower[k], v) for k, v in clip_tower.items())
     # deterministic by seed: retraining (--force) writes the same weights
     assert main(["pretrain", "vlm", *args, "--force", "-q"]) == 0
     again = load_file(f"{path}/model.safetensors")
