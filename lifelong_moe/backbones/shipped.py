@@ -15,12 +15,11 @@ resolves to it.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import shutil
 from pathlib import Path
 
-from ..io import write_text
+from ..io import file_sha256 as sha256, write_text
 
 SHIPPED_ROOT = Path(__file__).parent / "weights"
 MANIFEST_SUFFIX = ".manifest.json"
@@ -44,14 +43,6 @@ def artefact_files(artefact: Path) -> list[Path]:
     """The files an artefact consists of: itself (a checkpoint file) or a directory's files, sorted."""
     artefact = Path(artefact)
     return sorted(p for p in artefact.rglob("*") if p.is_file()) if artefact.is_dir() else [artefact]
-
-
-def sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def write_manifest(artefact: Path, *, command: str, info: dict, commit: str | None = None) -> Path:

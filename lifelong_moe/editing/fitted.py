@@ -30,7 +30,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from ..errors import UserError
-from ..io import atomic_path, read_json, write_json
+from ..io import atomic_path, file_sha256, read_json, write_json
 
 FORMAT = "lifelong-moe fitted method weights"
 VERSION = 1
@@ -68,7 +68,6 @@ def save(directory: str | Path, method, backbone: dict, fit: dict) -> Path:
     tag; ``fit``: train split, steps, seconds, final losses."""
     from safetensors.torch import save_file
 
-    from ..backbones.shipped import sha256
     from ..provenance import versions
 
     d = Path(directory)
@@ -83,7 +82,7 @@ def save(directory: str | Path, method, backbone: dict, fit: dict) -> Path:
     info = {"format": FORMAT, "version": VERSION, "method": method.name, "key": key,
             "params": method.config(), "backbone": dict(backbone), "train": fit.get("train"),
             "steps": fit.get("steps"), "train_seconds": fit.get("seconds"),
-            "final_losses": fit.get("final_losses"), "file": path.name, "sha256": sha256(path),
+            "final_losses": fit.get("final_losses"), "file": path.name, "sha256": file_sha256(path),
             "created": datetime.now(timezone.utc).isoformat(timespec="seconds"), "versions": versions()}
     write_json(info_path(path), info)
     return path
@@ -122,7 +121,6 @@ def read(artefact: Path) -> tuple[dict, dict]:
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
-    from ..backbones.shipped import sha256
 
     artefact = Path(artefact)
     meta = info_path(artefact)
@@ -138,7 +136,7 @@ def read(artefact: Path) -> tuple[dict, dict]:
         raise UserError(f"fitted weights {meta} have version {info.get('version')!r}; this version reads {VERSION}")
     if not artefact.is_file():
         raise UserError(f"fitted weights {artefact}: the weights file is missing")
-    if sha256(artefact) != info.get("sha256"):
+    if file_sha256(artefact) != info.get("sha256"):
         raise UserError(f"fitted weights {artefact}: the file does not match the sha256 in {meta.name} (damaged)")
     try:
         return load_file(str(artefact)), info

@@ -28,7 +28,7 @@ from typing import Mapping
 import torch
 
 from ..errors import UserError
-from ..io import atomic_path, read_json, write_json
+from ..io import atomic_path, file_sha256, read_json, write_json
 
 FORMAT = "lifelong-moe edit store"
 VERSION = 1
@@ -62,14 +62,6 @@ def backbone_fingerprint(vlm) -> str:
 
 def _now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="microseconds")
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 class EditStore:
@@ -147,7 +139,7 @@ class EditStore:
                                                               for k, v in method_state.items()})):
             with atomic_path(d / f".{kind}.staging") as tmp:
                 save_file(payload, str(tmp), metadata={"format": FORMAT})
-                sha = _sha256(tmp)
+                sha = file_sha256(tmp)
                 final = d / f"{kind}-{sha[:16]}.safetensors"
             Path(d / f".{kind}.staging").replace(final)
             files[kind] = {"file": final.name, "sha256": sha}
@@ -174,7 +166,7 @@ class EditStore:
             path = d / str(info.get("file", ""))
             if not info.get("file") or not path.is_file():
                 raise UserError(f"edit store {d}: its {kind} tensor file {info.get('file')!r} is missing")
-            if _sha256(path) != info.get("sha256"):
+            if file_sha256(path) != info.get("sha256"):
                 raise UserError(f"edit store {d}: {path.name} does not match the checksum in {INDEX} (damaged)")
             try:
                 loaded[kind] = load_file(str(path))
