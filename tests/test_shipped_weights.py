@@ -108,3 +108,15 @@ def test_ship_takes_no_cache_dir(tmp_path, capsys):
     assert "--ship trains into the package's weights/ folder; it takes no --cache-dir" in capsys.readouterr().err
     with pytest.raises(UserError, match="no --cache-dir"):
         S.ship_root(type("Args", (), {"ship": True, "cache_dir": str(tmp_path)})())
+
+
+def test_shipped_fitted_weights_are_for_the_shipped_backbone():
+    """A reshipped tiny VLM has a new checkpoint name: fitted weights keyed to the old one would be
+    skipped silently (the edit quickstart would meta-train itself), so they must be reshipped with it."""
+    from lifelong_moe.editing.fitted import FITTED_ROOT, info_path
+
+    backbones = {a.name for a in S.shipped_artefacts()}
+    for manifest in FITTED_ROOT.rglob("*" + S.MANIFEST_SUFFIX):
+        artefact = manifest.with_name(manifest.name[: -len(S.MANIFEST_SUFFIX)])
+        checkpoint = json.loads(info_path(artefact).read_text())["backbone"]["checkpoint"]
+        assert checkpoint in backbones, f"{artefact.name} was fitted on {checkpoint}, which is not shipped"
