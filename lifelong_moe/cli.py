@@ -194,8 +194,7 @@ def cmd_pretrain(a) -> int:
 
         return cli_pretrain_vlm(a)
     from .backbones.pretrain_clip import PretrainConfig, format_table, read_info, resolve_synthetic
-    from .backbones.shipped import ship, ship_root
-    from .provenance import git_commit
+    from .backbones.shipped import train_for_cli
     from .config import apply_overrides, read_yaml_tree
 
     overrides = list(a.overrides)
@@ -206,10 +205,7 @@ def cmd_pretrain(a) -> int:
     if a.cache_dir and Path(a.cache_dir).exists() and not Path(a.cache_dir).is_dir():
         raise UserError(f"--cache-dir {a.cache_dir}: exists and is not a directory")
     model = data.pop("model", PretrainConfig.model)
-    commit = git_commit()  # the code that trains, read before anything can change the tree
-    path = resolve_synthetic(model, data, progress=not a.quiet, force=a.force, cache_dir=ship_root(a))
-    if a.ship:
-        print(f"shipped: {ship(Path(path), model, a.command_line, commit)}")
+    path = train_for_cli(a, model, data, resolve_synthetic)
     info = read_info(path)
     if not a.quiet:
         print(f"checkpoint: {path}  (trained in {info.get('train_seconds')} s, {info.get('steps')} steps)")

@@ -16,8 +16,7 @@ def _all_shipped() -> list[Path]:
     """The backbones' shipped weights and the editing methods' fitted ones (same manifests)."""
     from lifelong_moe.editing.fitted import FITTED_ROOT
 
-    return S.shipped_artefacts() + sorted(p.with_name(p.name[: -len(S.MANIFEST_SUFFIX)])
-                                          for p in FITTED_ROOT.rglob("*" + S.MANIFEST_SUFFIX))
+    return S.shipped_artefacts() + S.shipped_artefacts(FITTED_ROOT)
 
 
 ARTEFACTS = _all_shipped()
@@ -116,7 +115,6 @@ def test_shipped_fitted_weights_are_for_the_shipped_backbone():
     from lifelong_moe.editing.fitted import FITTED_ROOT, info_path
 
     backbones = {a.name for a in S.shipped_artefacts()}
-    for manifest in FITTED_ROOT.rglob("*" + S.MANIFEST_SUFFIX):
-        artefact = manifest.with_name(manifest.name[: -len(S.MANIFEST_SUFFIX)])
+    for artefact in S.shipped_artefacts(FITTED_ROOT):
         checkpoint = json.loads(info_path(artefact).read_text())["backbone"]["checkpoint"]
         assert checkpoint in backbones, f"{artefact.name} was fitted on {checkpoint}, which is not shipped"

@@ -43,7 +43,7 @@ from .clip import MODEL_CONFIG_DIR, create_clip, encode_text, image_stats, regis
 from ..errors import UserError
 from ..io import atomic_path, write_text
 from ..runtime.threads import torch_threads
-from .shipped import shipped_path
+from .shipped import find
 
 T = TypeVar("T")
 RECIPE_VERSION = 3  # bump when the training code changes the weights a config produces (cache key)
@@ -418,12 +418,9 @@ def pretrain_clip(cfg: PretrainConfig = PretrainConfig(), *, cache_dir: str | os
                   force: bool = False, progress: bool = True) -> Path:
     """Path of the cached checkpoint for ``cfg``; train (and evaluate) it first if missing or ``force``."""
     path = checkpoint_path(cfg, cache_dir)
-    if not force:
-        shipped = shipped_path(path, cache_root(cache_dir))
-        if shipped is not None:
-            return shipped
-        if path.is_file():
-            return path
+    found = None if force else find(path, cache_root(cache_dir), Path.is_file)
+    if found is not None:
+        return found
     from safetensors.torch import save_file
 
     # the caller's thread count and RNG state are left as they were

@@ -335,7 +335,7 @@ def pretrain_vlm(cfg: VlmPretrainConfig = None, *, cache_dir=None, force: bool =
     from filelock import FileLock
 
     from .pretrain_clip import cache_root, resolve_synthetic
-    from .shipped import shipped_path
+    from .shipped import find
     from .vlm import VisionLanguageModel, _quiet_transformers
     from .vlm_tiny import build_tiny_llava, tiny_spec
 
@@ -343,12 +343,9 @@ def pretrain_vlm(cfg: VlmPretrainConfig = None, *, cache_dir=None, force: bool =
     spec = tiny_spec(cfg.model)
     clip_ckpt = resolve_synthetic(spec["vision_from_clip"], None, progress=progress, cache_dir=cache_dir)
     path = checkpoint_dir(cfg, clip_ckpt, cache_dir)
-    if not force:
-        shipped = shipped_path(path, cache_root(cache_dir))
-        if shipped is not None:
-            return shipped
-        if _complete(path):
-            return path
+    found = None if force else find(path, cache_root(cache_dir), _complete)
+    if found is not None:
+        return found
     path.parent.mkdir(parents=True, exist_ok=True)
     with FileLock(str(path) + ".lock"):
         if _complete(path) and not force:  # another process trained it meanwhile
@@ -400,6 +397,28 @@ def pretrain_vlm(cfg: VlmPretrainConfig = None, *, cache_dir=None, force: bool =
     return path
 
 
+def shipped_vision_clip(name: str) -> Path | None:
+    """The shipped tiny CLIP checkpoint tiny VLM ``name`` is built on (default recipe), or None."""
+    from .pretrain_clip import PretrainConfig, checkpoint_path
+    from .shipped import SHIPPED_ROOT, shipped_path
+    from .vlm_tiny import tiny_spec
+
+    return shipped_path(checkpoint_path(PretrainConfig(model=tiny_spec(name)["vision_from_clip"]), SHIPPED_ROOT),
+                        SHIPPED_ROOT)
+
+
+def shipped_vlm(name: str) -> Path | None:
+    """The shipped checkpoint directory of tiny VLM ``name`` with the default recipe, or None when it is
+    not shipped (computed from the cache keys: nothing is trained or loaded)."""
+    from .shipped import SHIPPED_ROOT, shipped_path
+    from .vlm_tiny import shipped_vlm_names
+
+    clip = shipped_vision_clip(name) if name in shipped_vlm_names() else None
+    if clip is None:
+        return None
+    return shipped_path(checkpoint_dir(VlmPretrainConfig(model=name), str(clip), SHIPPED_ROOT), SHIPPED_ROOT)
+
+
 def resolve_synthetic_vlm(name: str, pretrain: dict | None = None, progress: bool = True, force: bool = False,
                           cache_dir=None) -> str:
     """Directory of the tiny VLM ``name`` pretrained on the synthetic world (trained on first use);
@@ -414,8 +433,7 @@ def cli_pretrain_vlm(a) -> int:
     """``lifelong-moe pretrain vlm [CONFIG] [key=value ...] [--force] [--cache-dir DIR] [-q]``."""
     from ..config import apply_overrides, read_yaml_tree
     from ..errors import UserError
-    from ..provenance import git_commit
-    from .shipped import ship, ship_root
+    from .shipped import ship_root, train_for_cli
 
     overrides = list(a.overrides)
     if a.config and "=" in a.config and not Path(a.config).exists():
@@ -423,19 +441,14 @@ def cli_pretrain_vlm(a) -> int:
         a.config = None
     data = apply_overrides(read_yaml_tree(a.config) if a.config else {}, overrides)
     model = data.pop("model", VlmPretrainConfig.model)
-    cache_dir = ship_root(a)
     if a.ship:  # the VLM is built on the shipped tiny CLIP, never on one trained into weights/ on the way
-        from .pretrain_clip import PretrainConfig, checkpoint_path
-        from .shipped import shipped_path
-        from .vlm_tiny import tiny_spec
+        ship_root(a)  # --ship with --cache-dir: that error first
+        if shipped_vision_clip(model) is None:
+            from .vlm_tiny import tiny_spec
 
-        clip = checkpoint_path(PretrainConfig(model=tiny_spec(model)["vision_from_clip"]), cache_dir)
-        if shipped_path(clip, Path(cache_dir)) is None:
-            raise UserError(f"ship the tiny CLIP first: lifelong-moe pretrain clip --ship (no shipped {clip.name})")
-    commit = git_commit()  # the code that trains, before anything can change the tree
-    path = resolve_synthetic_vlm(model, data, progress=not a.quiet, force=a.force, cache_dir=cache_dir)
-    if a.ship:
-        print(f"shipped: {ship(Path(path), model, a.command_line, commit)}")
+            raise UserError(f"ship the tiny CLIP first: lifelong-moe pretrain clip --ship (no shipped "
+                            f"{tiny_spec(model)['vision_from_clip']} with its default recipe)")
+    path = train_for_cli(a, model, data, resolve_synthetic_vlm)
     info = read_info(path)
     if a.quiet:
         print(path)

@@ -25,6 +25,15 @@ SHIPPED_ROOT = Path(__file__).parent / "weights"
 MANIFEST_SUFFIX = ".manifest.json"
 
 
+def find(cached: Path, cache_root: Path, complete) -> Path | None:
+    """Where the checkpoint for cache location ``cached`` already is: its shipped counterpart first, else
+    ``cached`` itself when ``complete(cached)``; None when it must be trained."""
+    shipped = shipped_path(cached, cache_root)
+    if shipped is not None:
+        return shipped
+    return Path(cached) if complete(Path(cached)) else None
+
+
 def shipped_path(cached: Path, cache_root: Path) -> Path | None:
     """The shipped counterpart of cache location ``cached`` (same relative path), if it is shipped."""
     try:
@@ -53,6 +62,7 @@ def write_manifest(artefact: Path, *, command: str, info: dict, commit: str | No
     from ..provenance import versions
 
     artefact = Path(artefact)
+    v = versions()
     files = {str(p.relative_to(artefact.parent)): {"sha256": sha256(p), "bytes": p.stat().st_size}
              for p in artefact_files(artefact)}
     record = info_file(artefact)
@@ -60,7 +70,7 @@ def write_manifest(artefact: Path, *, command: str, info: dict, commit: str | No
         files[record.name] = {"sha256": sha256(record), "bytes": record.stat().st_size}
     manifest = {"artefact": artefact.name, "command": command, "config": info.get("config"),
                 "steps": info.get("steps"), "wall_seconds": info.get("train_seconds"),
-                "commit": commit or versions().get("git_commit"), "versions": versions(),
+                "commit": commit or v.get("git_commit"), "versions": v,
                 "cpu_capability": torch.backends.cpu.get_cpu_capability(), "files": files}
     write_text(manifest_path(artefact), json.dumps(manifest, indent=2) + "\n")
     return manifest_path(artefact)
@@ -97,9 +107,10 @@ def verify(artefact: Path) -> list[str]:
     return problems
 
 
-def shipped_artefacts() -> list[Path]:
-    """Every shipped artefact (the paths their manifests name)."""
-    return sorted(p.with_name(p.name[: -len(MANIFEST_SUFFIX)]) for p in SHIPPED_ROOT.rglob("*" + MANIFEST_SUFFIX))
+def shipped_artefacts(root: Path | None = None) -> list[Path]:
+    """Every shipped artefact under ``root`` (default :data:`SHIPPED_ROOT`): the paths their manifests name."""
+    root = SHIPPED_ROOT if root is None else Path(root)
+    return sorted(p.with_name(p.name[: -len(MANIFEST_SUFFIX)]) for p in root.rglob("*" + MANIFEST_SUFFIX))
 
 
 def drop_other_versions(artefact: Path, model: str) -> list[str]:
@@ -129,6 +140,19 @@ def ship(artefact: Path, model: str, command: str, commit: str | None = None) ->
     out = write_manifest(artefact, command=command, info=info, commit=commit)
     drop_other_versions(artefact, model)
     return out
+
+
+def train_for_cli(a, model: str, overrides: dict, resolve) -> str:
+    """``lifelong-moe pretrain clip|vlm``: ``resolve(model, overrides, progress, force, cache_dir)`` the
+    checkpoint (trained if missing) into the user's cache, or with ``--ship`` into :data:`SHIPPED_ROOT`
+    and ship it, its manifest naming the commit read before training (the tree may change meanwhile)."""
+    from ..provenance import git_commit
+
+    commit = git_commit()
+    path = resolve(model, overrides, progress=not a.quiet, force=a.force, cache_dir=ship_root(a))
+    if a.ship:
+        print(f"shipped: {ship(Path(path), model, a.command_line, commit)}")
+    return path
 
 
 def ship_root(a) -> str | None:

@@ -259,7 +259,6 @@ class Editor:
         return self._apply(self.records(records))
 
     def _apply(self, recs: Sequence[EditRecord]) -> list[str]:
-        self._require_fitted()
         snap = self._snapshot()
         ids = []
         try:
@@ -378,9 +377,9 @@ class Editor:
             if backbone is None:
                 raise UserError(f"edit store {d} was saved from a backbone object; pass it: Editor.load(dir, backbone=vlm)")
         name = index["method"]
-        params = validate_method(name, index["method_config"])
-        if "fitted" in type(params).model_fields:  # the store holds the fitted weights: load no others first
-            params = params.model_copy(update={"fitted": "none"})
+        from .fitted import without_fitted
+
+        params = without_fitted(validate_method(name, index["method_config"]))  # the store holds its fitted weights
         editor = cls(backbone, build_method(name, params), device=device, seed=int(index["backbone"].get("seed", 0)))
         check_compatible(index, editor._header(), d)
         store, state = EditStore.load(d)

@@ -214,17 +214,9 @@ def ship(artefact: Path, command: str, commit: str | None = None) -> tuple[Path,
     return manifest, removed
 
 
-def shipped_backbone(name: str) -> Path | None:
-    """The shipped checkpoint directory of tiny VLM ``name`` with the default recipe, or None when it is
-    not shipped (computed from the cache keys: nothing is trained or loaded)."""
-    from ..backbones.pretrain_clip import PretrainConfig, checkpoint_path
-    from ..backbones.pretrain_vlm import VlmPretrainConfig, checkpoint_dir
-    from ..backbones.shipped import SHIPPED_ROOT, shipped_path
-    from ..backbones.vlm_tiny import shipped_vlm_names, tiny_spec
-
-    if name not in shipped_vlm_names():
-        return None
-    clip = checkpoint_path(PretrainConfig(model=tiny_spec(name)["vision_from_clip"]), SHIPPED_ROOT)
-    if shipped_path(clip, SHIPPED_ROOT) is None:
-        return None
-    return shipped_path(checkpoint_dir(VlmPretrainConfig(model=name), str(clip), SHIPPED_ROOT), SHIPPED_ROOT)
+def without_fitted(params):
+    """``params`` set to load no fitted weights (``fitted: none``) where the method has that setting: for
+    a fit from scratch, or a store that carries its own fitted weights."""
+    if "fitted" in type(params).model_fields:
+        return params.model_copy(update={"fitted": "none"})
+    return params

@@ -183,6 +183,7 @@ def fit_and_save(cfg: EditConfig, out: str | Path | None, *, ship: bool = False,
     """``lifelong-moe fit``: meta-train ``cfg``'s method on its train split and write the fitted weights
     into ``out`` (:mod:`lifelong_moe.editing.fitted`), or with ``ship`` into the package's
     ``editing/weights/<method>/`` with a manifest (the shipped tiny VLM only). Returns the .safetensors path."""
+    from ..backbones.pretrain_vlm import shipped_vlm
     from ..editing import fitted as F
     from ..editing.editor import Editor
     from ..editing.registry import build_method
@@ -192,7 +193,7 @@ def fit_and_save(cfg: EditConfig, out: str | Path | None, *, ship: bool = False,
     if not ship and not out:
         raise UserError("fit: give --out DIR (or --ship, maintainers)")
     b = cfg.backbone
-    if ship and (b.pretrained != "synthetic" or b.pretrain or F.shipped_backbone(b.name) is None):
+    if ship and (b.pretrained != "synthetic" or b.pretrain or shipped_vlm(b.name) is None):
         raise UserError(f"--ship: fitted weights are shipped for the shipped tiny VLM only (backbone: {{name: "
                         f"lmoe-tiny-llava, pretrained: synthetic}}, default recipe, shipped: lifelong-moe pretrain vlm "
                         f"--ship); this config's backbone is {b.model_dump(exclude_none=True)}")
@@ -203,10 +204,7 @@ def fit_and_save(cfg: EditConfig, out: str | Path | None, *, ship: bool = False,
         from ..runs.runner import seed_everything
 
         seed_everything(cfg.seed)
-        params = cfg.method_params()
-        if "fitted" in type(params).model_fields:  # fit from scratch: load nothing first
-            params = params.model_copy(update={"fitted": "none"})
-        method = build_method(cfg.method.name, params)
+        method = build_method(cfg.method.name, F.without_fitted(cfg.method_params()))  # fit from scratch
         if not getattr(method, "needs_fit", False):
             raise UserError(f"method {cfg.method.name!r} learns nothing before editing: nothing to fit")
         editor = Editor(cfg.backbone.model_dump(mode="json"), method, seed=cfg.seed,
