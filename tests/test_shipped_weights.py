@@ -118,3 +118,11 @@ def test_shipped_fitted_weights_are_for_the_shipped_backbone():
     for artefact in S.shipped_artefacts(FITTED_ROOT):
         checkpoint = json.loads(info_path(artefact).read_text())["backbone"]["checkpoint"]
         assert checkpoint in backbones, f"{artefact.name} was fitted on {checkpoint}, which is not shipped"
+
+
+def test_ship_of_an_already_shipped_artefact_leaves_its_manifest(capsys):
+    clip = next(a for a in S.shipped_artefacts() if a.name.startswith("lmoe-tiny-vit-"))
+    before = S.manifest_path(clip).read_bytes()
+    assert main(["pretrain", "clip", "--ship", "-q"]) == 0  # found, not trained
+    assert "already shipped" in capsys.readouterr().out
+    assert S.manifest_path(clip).read_bytes() == before

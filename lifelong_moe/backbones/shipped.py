@@ -150,8 +150,10 @@ def train_for_cli(a, model: str, overrides: dict, resolve) -> str:
 
     commit = git_commit()
     path = resolve(model, overrides, progress=not a.quiet, force=a.force, cache_dir=ship_root(a))
-    if a.ship:
+    if a.ship and (a.force or not manifest_path(path).is_file()):
         print(f"shipped: {ship(Path(path), model, a.command_line, commit)}")
+    elif a.ship:  # found already shipped, nothing trained: its manifest stays as it was
+        print(f"already shipped: {path} (--force retrains it)")
     return path
 
 
