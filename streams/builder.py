@@ -145,12 +145,15 @@ def load_qa(cfg: StreamConfig, qtype: str, seed: int) -> QAData:
     return load_vqa_source(f"{dataset}/{qtype}", root=data_root(cfg), seed=seed, **sizes, **extra)
 
 
-def build_vqa(cfg: StreamConfig, transform: ImageTransform, seed: int):
+def build_vqa(cfg: StreamConfig, transform: ImageTransform, seed: int, tokenizer=None):
     from avalanche.benchmarks.scenarios import benchmark_from_datasets
+
+    from .vqa_sources import check_answer_words
 
     trains, tests, tasks = [], [], []
     for i, qtype in enumerate(vqa_order(cfg)):
         data = load_qa(cfg, qtype, seed)
+        check_answer_words(data, tokenizer, cfg.on_unknown_answer)  # closed vocabularies (the tiny VLM) only
         positions = {s: list(range(len(getattr(data, f"{s}_records")))) for s in ("train", "test")}
         trains.append(_avalanche(prepare(data.train, positions["train"], transform.for_training()),
                                  positions["train"]))
@@ -161,12 +164,13 @@ def build_vqa(cfg: StreamConfig, transform: ImageTransform, seed: int):
     return benchmark_from_datasets(train=trains, test=tests), tasks
 
 
-def build_stream(cfg: StreamConfig, transform: ImageTransform, seed: int) -> Stream:
+def build_stream(cfg: StreamConfig, transform: ImageTransform, seed: int, tokenizer=None) -> Stream:
+    """``tokenizer``: the backbone's, for a vqa stream's answer-word check (:func:`.vqa_sources.check_answer_words`)."""
     from avalanche.benchmarks.scenarios import benchmark_from_datasets, class_incremental_benchmark
 
     skipped = {}
     if cfg.kind == "vqa":
-        bm, tasks = build_vqa(cfg, transform, seed)
+        bm, tasks = build_vqa(cfg, transform, seed, tokenizer)
     elif cfg.kind == "class_incremental":
         spec = _spec(cfg.dataset)
         data = load_data(spec, cfg, seed)

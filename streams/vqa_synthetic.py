@@ -41,7 +41,6 @@ import difflib
 import re
 from dataclasses import dataclass
 from functools import lru_cache
-from typing import Callable
 
 import numpy as np
 import torch

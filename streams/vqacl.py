@@ -16,6 +16,9 @@ resolved under ``root`` by their COCO name, as VQACL does (``vqa_data.py``: the 
 accepted too; an id without a COCO split is looked up as ``<root>/<img_id>.jpg``). The JSON files are
 looked for in ``partition_dir``, by default ``<root>/Partition_Q`` if it exists, else ``root``.
 
+Question types are not limited to VQACL's ten: any name (letters, digits, ``_ . -``) whose two files
+exist is a task, ``vqacl/<name>`` (a stream lists them in ``stream.question_types``, in its order).
+
 A missing file, a malformed record (not an object, a missing or mistyped field, empty answers) or a
 missing or unreadable image gives one :class:`~lifelong_moe.errors.UserError` naming the file and the
 record index. Images are checked when loading (PIL open + verify, which reads headers, not pixels)
@@ -35,11 +38,12 @@ from ..data import QAData, QARecord
 from ..errors import UserError
 from ..evaluation.vqa_metrics import normalize_answer
 
-__all__ = ["load_vqacl", "load", "partition_file", "image_path", "VQACLDataError", "VQAImageFiles"]
+__all__ = ["load_vqacl", "load", "partition_file", "image_path", "available_types", "VQACLDataError", "VQAImageFiles"]
 
 _COCO_ID = re.compile(r"^COCO_([a-z]+\d{4})_\d+$")
 _EXTENSIONS = (".jpg", ".png")
 _FIELDS = {"img_id": str, "sent": str, "question_type": str, "answers": list, "label": dict}
+_TYPE_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]*$")
 
 
 class VQACLDataError(UserError):
@@ -106,10 +110,27 @@ def _fail(path: Path, problems: list[tuple[int, str]]) -> VQACLDataError:
     return VQACLDataError(f"VQACL data {path}: record {i} {what}{more}")
 
 
-def _read_records(path: Path) -> list[dict]:
+def available_types(partition_dir: Path, split: str) -> list[str]:
+    """The question types that have a ``<split>_q_<type>.json`` file in ``partition_dir``."""
+    prefix = f"{split}_q_"
+    d = Path(partition_dir)
+    return sorted(p.name[len(prefix):-5] for p in d.glob(f"{prefix}*.json")) if d.is_dir() else []
+
+
+def _missing(path: Path, qtype: str, split: str) -> VQACLDataError:
+    import difflib
+
+    have = available_types(path.parent, split)
+    close = difflib.get_close_matches(qtype, have, n=1, cutoff=0.6)
+    hint = (f"; unknown question type {qtype!r}" + (f" (did you mean {close[0]!r}?)" if close else "")
+            + f"; question types with a {split} file there: {', '.join(have)}") if have and qtype not in have else ""
+    return VQACLDataError(f"VQACL data: partition file {path} not found (expected one JSON list per question "
+                          f"type and split, e.g. {split}_q_color.json, in the partition directory){hint}")
+
+
+def _read_records(path: Path, qtype: str = "", split: str = "") -> list[dict]:
     if not path.is_file():
-        raise VQACLDataError(f"VQACL data: partition file {path} not found (expected one JSON list per question "
-                             "type and split, e.g. karpathy_train_q_color.json, in the partition directory)")
+        raise _missing(path, qtype, split)
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
@@ -174,10 +195,12 @@ def load_vqacl(qtype: str, root: str | Path, partition_dir: str | Path | None = 
     """VQACL question type ``qtype`` (``"color"``, or ``"vqacl/color"``) as a :class:`QAData`, images
     as lazily decoded PIL images. ``n_train`` / ``n_test`` keep a seeded random subset (file order
     kept); every record is validated, the images of the kept ones are checked."""
-    from .vqa_synthetic import QUESTION_TYPES, _spec
+    from .vqa_synthetic import QUESTION_TYPES
 
     key = qtype.split("/", 1)[1] if qtype.startswith("vqacl/") else qtype
-    _spec(key)  # unknown type -> one UserError with the known ones
+    if not _TYPE_NAME.match(key):
+        raise VQACLDataError(f"VQACL data: question type {key!r} is not a name (letters, digits, '_', '.', '-'; "
+                             "it names the files <split>_q_<type>.json)")
     if root is None:
         raise VQACLDataError(f"VQACL data vqacl/{key}: needs `root` (the directory holding train2014/ and val2014/)")
     root = Path(root).expanduser()
@@ -189,7 +212,7 @@ def load_vqacl(qtype: str, root: str | Path, partition_dir: str | Path | None = 
     splits = []
     for s, (split, n) in enumerate(((train_split, n_train), (test_split, n_test))):
         path = partition_file(partition_dir, split, key)
-        raw = _read_records(path)
+        raw = _read_records(path, key, split)
         keep = _subset(len(raw), n, int(seed), s)
         paths = _check_images(path, keep, raw, root) if check_images else [image_path(root, raw[i]["img_id"])[0]
                                                                           for i in keep]
@@ -199,12 +222,14 @@ def load_vqacl(qtype: str, root: str | Path, partition_dir: str | Path | None = 
             answers = tuple((a["answer"] if isinstance(a, dict) else a).strip() for a in r["answers"])
             fallback += not r["label"]
             records.append(QARecord(r["sent"].strip(), _target(r, answers), answers, key, r["img_id"]))
-        splits.append((path, paths, records, fallback))
-    (tr_path, tr_img, tr_rec, tr_fb), (te_path, te_img, te_rec, te_fb) = splits
+        splits.append((path, paths, records, fallback, keep))
+    (tr_path, tr_img, tr_rec, tr_fb, tr_keep), (te_path, te_img, te_rec, te_fb, te_keep) = splits
     return QAData(name=f"vqacl/{key}", train=VQAImageFiles(tr_img), test=VQAImageFiles(te_img),
                   train_records=tr_rec, test_records=te_rec,
-                  meta={"source": "vqacl", "question_type": key, "task_index": QUESTION_TYPES.index(key),
+                  meta={"source": "vqacl", "question_type": key,
+                        "task_index": QUESTION_TYPES.index(key) if key in QUESTION_TYPES else None,  # VQACL's ten
                         "root": str(root), "train_file": str(tr_path), "test_file": str(te_path), "seed": int(seed),
+                        "train_indices": tr_keep, "test_indices": te_keep,  # file positions of the records
                         "targets_without_label": {"train": tr_fb, "test": te_fb}})
 
 

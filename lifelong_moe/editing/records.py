@@ -4,7 +4,8 @@ The files are JSON lists of objects with EasyEdit's MMEdit field names (``src, p
 image, image_rephrase, loc, loc_ans, m_loc, m_loc_q, m_loc_a``; E-VQA and E-IC as in EasyEdit's
 ``VQADataset`` / ``CaptionDataset``, VLKEB the same fields); image fields are paths under an image
 root. Images are read with PIL and converted with the VLM's own processor (resize, crop, normalise)
-to pixel tensors ``[3, S, S]``. Every failure is one UserError naming the file and the record index.
+to pixel tensors ``[3, S, S]``. Every failure is one UserError naming the file and the record index,
+a target word outside a closed vocabulary (the tiny VLM's) included.
 """
 from __future__ import annotations
 
@@ -56,8 +57,7 @@ def image_tensor(vlm, image: Any, *, root: str | Path | None = None, what: str =
         raise UserError(f"{what}: image mode {pil.mode!r} is not supported (use RGB, RGBA, L, LA, P or 1)")
     if min(pil.size) < 1:
         raise UserError(f"{what}: the image is empty ({pil.size[0]}x{pil.size[1]})")
-    pixels = vlm.processor.image_processor(images=pil.convert("RGB"), return_tensors="pt")["pixel_values"]
-    return pixels[0].to(torch.float32)
+    return vlm.pixels_from_image(pil)
 
 
 def make_record(vlm, fields: Mapping[str, Any], *, root: str | Path | None = None, where: str = "edit",
@@ -89,6 +89,7 @@ def make_record(vlm, fields: Mapping[str, Any], *, root: str | Path | None = Non
         raise UserError(f"{where}: the prompt ('src') is empty")
     if not text["alt"]:
         raise UserError(f"{where}: the target ('alt') is empty")
+    check_target_words(vlm, text["alt"], where)
     images = {f: image_tensor(vlm, fields.get(f), root=root, what=f"{where}: {f}") for f in IMAGE_FIELDS}
     if need_image and images["image"] is None:
         raise UserError(f"{where}: this method edits an image and a question; 'image' is missing")
@@ -99,6 +100,19 @@ def make_record(vlm, fields: Mapping[str, Any], *, root: str | Path | None = Non
         if isinstance(fields.get(f), (str, Path)):
             meta.setdefault(f"{f}_path", str(fields[f]))
     return EditRecord(**text, **images, meta=meta)
+
+
+def check_target_words(vlm, target: str, where: str) -> None:
+    """UserError when ``target`` has a word outside the VLM's closed vocabulary (the tiny VLM's
+    word-level tokenizer would read it as ``<unk>``: the edit could not be learned nor answered)."""
+    from ..backbones.vocabulary import unknown_words
+
+    bad = unknown_words(getattr(vlm, "tokenizer", None), target)
+    if bad:
+        raise UserError(f"{where}: the target {target!r} has the word(s) {', '.join(map(repr, bad))}, not in this "
+                        f"backbone's closed vocabulary (the tiny VLM's word-level tokenizer knows only the synthetic "
+                        f"world's words and would read them as <unk>); use words it knows, or a VLM with an open "
+                        f"tokenizer (a Hugging Face LLaVA)")
 
 
 def read_record_file(path: str | Path) -> list[dict]:
