@@ -4,7 +4,7 @@ the question types: the classic lower bound of continual VQA (every type overwri
 ``W x + (alpha / r) B A x`` with ``B = 0`` at start, injected by module-name targeting
 (``peft.inject_adapter_in_model``) into the LLM's linears named in ``targets`` (LLaVA / CL-MoE's
 choice: the attention and MLP projections of every decoder layer; never the vision tower or lm_head).
-``projector`` adds LoRA on the vision-language projector's two linears too (LLaVA's own LoRA recipe
+``projector`` adds LoRA on the vision-language projector's linears too (LLaVA's own LoRA recipe
 trains the projector alongside the LLM; here it stays frozen and gets a low-rank update instead). peft's Linear adds the low-rank path beside the frozen weight, which it never
 modifies: the backbone stays bit-identical.
 """
@@ -15,7 +15,6 @@ from pydantic import Field
 from .vlm_base import StrategyParams, VlmStrategy
 
 LLM_LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-PROJECTOR = r"(?:.*\.)?multi_modal_projector\.linear_\d+"  # LLaVA's projector linears
 
 
 class Params(StrategyParams):
@@ -32,7 +31,8 @@ def inject_lora(model, p: Params) -> None:
     from peft import LoraConfig, inject_adapter_in_model
 
     llm = tuple(t for t in p.targets if t != "projector")
-    regexes = ([model.lora_target_regex(llm)] if llm else []) + ([PROJECTOR] if "projector" in p.targets else [])
+    regexes = [model.lora_target_regex(llm)] if llm else []
+    regexes += [model.projector_target_regex()] if "projector" in p.targets else []
     cfg = LoraConfig(r=p.r, lora_alpha=p.alpha, lora_dropout=p.dropout,
                      target_modules="|".join(f"(?:{r})" for r in regexes))
     inject_adapter_in_model(cfg, model.model)

@@ -41,13 +41,20 @@ def load_clip(name: str, pretrained: str | None, *, cache_text: bool = True, pre
 
 
 def load_vlm(name: str, pretrained: str | None = None, *, pretrain: dict | None = None, download: bool = False,
-             prompt_template: str | None = None, progress: bool = True, dtype=None):
+             prompt_template: str | None = None, progress: bool = True, dtype=None, image_size: int | None = None):
     """A frozen :class:`~.vlm.VisionLanguageModel` (``name``: shipped tiny VLM, hub id or directory;
-    ``pretrained``: for a shipped name, ``synthetic``, a directory of its weights or None)."""
+    ``pretrained``: for a shipped name, ``synthetic``, a directory of its weights or None). ``dtype``:
+    the frozen weights' dtype, ``fp32`` / ``bf16`` / ``fp16`` or a torch dtype (None: fp32, whatever
+    dtype a checkpoint was saved in)."""
+    import torch
+
+    from ..runtime.device import PRECISIONS
     from .vlm import VisionLanguageModel
 
+    dtype = PRECISIONS[dtype] if isinstance(dtype, str) else (dtype or torch.float32)
     return VisionLanguageModel.from_config(name, resolve_embedded("vlm", name, pretrained, pretrain, progress),
-                                           download=download, prompt_template=prompt_template, dtype=dtype)
+                                           download=download, prompt_template=prompt_template, dtype=dtype,
+                                           image_size=image_size)
 
 
 def build_clip(b, progress: bool = True):
@@ -59,7 +66,8 @@ def build_clip(b, progress: bool = True):
 def build_vlm(b, progress: bool = True):
     """The ``vlm`` family's loader: a validated ``backbone`` section -> :class:`~.vlm.VisionLanguageModel`."""
     return load_vlm(b.name, b.pretrained, pretrain=b.pretrain, download=b.download,
-                    prompt_template=b.prompt_template, progress=progress)
+                    prompt_template=b.prompt_template, progress=progress, image_size=b.image_size,
+                    dtype=getattr(b, "dtype", "fp32"))
 
 
 def prepare_embedded(b, progress: bool = True) -> None:

@@ -1,4 +1,5 @@
-"""Frozen generative vision-language backbone: transformers' ``LlavaForConditionalGeneration``.
+"""Frozen generative vision-language backbone: any transformers image-text-to-text model that has an
+adapter in :mod:`.vlm_adapters` (LLaVA, Qwen2-VL, LLaVA-NeXT, Idefics3, BLIP-2 with OPT).
 
 A VLM is named as Hugging Face users name it: a hub id (``llava-hf/llava-1.5-7b-hf``, read from the
 local HF cache; downloaded only with ``download=True``) or a local ``save_pretrained`` directory.
@@ -25,10 +26,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import UserError
+from .vlm_adapters import LLAVA_15_TEMPLATE, VlmAdapter, adapter_for, plain_pixels, resolve
 
-# llava-1.5's short-answer VQA prompt (Liu et al., "Improved Baselines with Visual Instruction Tuning",
-# CVPR 2024, Table 7; the llava-hf model cards' "USER: <image>\n... ASSISTANT:" chat format)
-LLAVA_15_TEMPLATE = "USER: <image>\n{question} Answer the question using a single word or phrase. ASSISTANT:"
+__all__ = ["LLAVA_15_TEMPLATE", "VisionLanguageModel", "VlmBatch", "load_vlm_model"]
 ANSWER_SEPARATOR = " "  # between the prompt and the answer, in teacher forcing as in generation
 LM_LAYERS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 IGNORE = -100  # label of positions the loss skips (transformers' convention)
@@ -39,7 +39,8 @@ class VlmBatch:
     """Tokenised, padded VQA inputs. ``labels`` are -100 except on the answer tokens and the closing
     EOS (the positions ``answer_mask`` marks); ``image_mask`` marks the image placeholder tokens,
     ``prompt_mask`` the other non-padding tokens (BOS, instruction, question). All ``[B, L]`` but
-    ``pixel_values`` ``[B, 3, S, S]``, or None for text-only prompts (no image token, no image)."""
+    ``pixel_values`` ``[B, 3, S, S]``, or None for text-only prompts (no image token, no image); the
+    model's own image arguments are made from it by :meth:`VisionLanguageModel.model_inputs`."""
 
     input_ids: torch.Tensor
     attention_mask: torch.Tensor
@@ -78,10 +79,12 @@ def _quiet_transformers():
             hf_logging.enable_progress_bar()
 
 
-def load_llava(source: str, *, local_files_only: bool = True, dtype: torch.dtype | None = None):
-    """``(LlavaForConditionalGeneration, processor)`` from a hub id or a local directory; every
-    failure is one UserError naming ``source``."""
-    from transformers import AutoConfig, AutoProcessor, LlavaForConditionalGeneration
+def load_vlm_model(source: str, *, local_files_only: bool = True, dtype: torch.dtype | None = None):
+    """``(model, processor)`` from a hub id or a local directory, through the class its adapter names
+    (``AutoModelForImageTextToText`` or the architecture's own); every failure is one UserError
+    naming ``source``."""
+    import transformers
+    from transformers import AutoConfig, AutoProcessor
 
     local = Path(source).expanduser()
     if local.is_dir():
@@ -100,12 +103,9 @@ def load_llava(source: str, *, local_files_only: bool = True, dtype: torch.dtype
                                 f"Face cache ({_hf_cache()}); download it once (huggingface-cli download {source}) "
                                 "or set backbone.download: true") from None
             raise UserError(f"could not load VLM {source!r}: {type(e).__name__}: {e}") from None
-        if config.model_type != "llava":
-            raise UserError(f"backbone.name: {source!r} is a {config.model_type!r} model; the vlm family loads "
-                            "LLaVA models (model_type 'llava', LlavaForConditionalGeneration)")
+        model_class = getattr(transformers, adapter_for(config.model_type, source).model_class)
         try:
-            model = LlavaForConditionalGeneration.from_pretrained(source, local_files_only=local_files_only,
-                                                                  dtype=dtype)
+            model = model_class.from_pretrained(source, local_files_only=local_files_only, dtype=dtype)
             processor = AutoProcessor.from_pretrained(source, local_files_only=local_files_only)
         except Exception as e:  # noqa: BLE001 - missing weights or tokenizer files, shape mismatch
             raise UserError(f"could not load VLM {source!r}: {type(e).__name__}: {e}") from None
@@ -119,14 +119,16 @@ def _hf_cache() -> str:
 
 
 class VisionLanguageModel(nn.Module):
-    """Frozen LLaVA-style VLM: transformers' ``LlavaForConditionalGeneration`` + its processor.
+    """Frozen generative VLM: a transformers image-text-to-text model + its processor, its
+    architecture's parts found through its :class:`~.vlm_adapters.VlmAdapter`.
 
     Every parameter starts with ``requires_grad=False``; strategies inject adapters (peft LoRA on
     :meth:`linear_modules`, hooks on :attr:`decoder_layers`) and train those."""
 
     family = "vlm"
 
-    def __init__(self, model, processor, prompt_template: str | None = None, name: str = ""):
+    def __init__(self, model, processor, prompt_template: str | None = None, name: str = "",
+                 image_size: int | None = None):
         super().__init__()
         self.model = model.eval()
         for p in self.model.parameters():
@@ -135,37 +137,61 @@ class VisionLanguageModel(nn.Module):
         self.tokenizer = getattr(processor, "tokenizer", processor)
         self.name = name
         cfg = model.config
-        vc = cfg.vision_config
-        self.image_size = int(vc.image_size)
+        self.adapter: VlmAdapter = adapter_for(cfg.model_type, name)
+        try:
+            self.decoder_layers, self.projector  # noqa: B018 - the adapter's paths exist in this model
+        except AttributeError:
+            raise UserError(f"VLM {name!r} ({cfg.model_type}): no decoder layers at {self.adapter.language_model!r} "
+                            f"or no projector at {self.adapter.projector!r}, where its adapter looks (only "
+                            "decoder-only language models are supported, e.g. not BLIP-2 with T5)") from None
+        self.image_size = self._picture_size(image_size)
         ip = getattr(processor, "image_processor", None)
         self.mean = tuple(getattr(ip, "image_mean", None) or (0.48145466, 0.4578275, 0.40821073))
         self.std = tuple(getattr(ip, "image_std", None) or (0.26862954, 0.26130258, 0.27577711))
         self.image_token_id = int(cfg.image_token_id)
         self.image_token = self.tokenizer.convert_ids_to_tokens(self.image_token_id)
-        self.num_image_tokens = (self.image_size // vc.patch_size) ** 2 + (cfg.vision_feature_select_strategy == "full")
+        self.num_image_tokens = int(self.adapter.num_image_tokens(self))
         tok = self.tokenizer
         if tok.eos_token_id is None:
             raise UserError(f"VLM {name!r}: its tokenizer has no EOS token (answers end with one)")
         self.eos_token_id = int(tok.eos_token_id)
         pad = next((t for t in (tok.pad_token_id, tok.unk_token_id, tok.eos_token_id) if t is not None))
         self.pad_token_id = int(pad)
-        self.prompt_template = prompt_template or getattr(cfg, "prompt_template", None) or LLAVA_15_TEMPLATE
+        self.prompt_template = prompt_template or getattr(cfg, "prompt_template", None) or self.adapter.template
         if "{question}" not in self.prompt_template or self.image_token not in self.prompt_template:
             raise UserError(f"prompt_template must contain {{question}} and the image token {self.image_token!r}; "
                             f"got {self.prompt_template!r}")
         # text-only prompts (pixel_values=None): the template without the image token and the space after it
-        self.text_template = re.sub(re.escape(self.image_token) + r"\s*", "", self.prompt_template, count=1)
+        before, after = (f"(?:{re.escape(w)})?" if w else "" for w in self.adapter.image_wrap)
+        self.text_template = re.sub(before + re.escape(self.image_token) + after + r"\s*", "", self.prompt_template,
+                                    count=1)
         self.current_batch: VlmBatch | None = None  # the batch logits()/generate_ids() is running (for hooks)
+
+    def _picture_size(self, wanted: int | None) -> int:
+        """The picture side S: the adapter's, or ``wanted`` where the architecture takes any size."""
+        own = int(self.adapter.image_size(self))
+        if wanted is None or wanted == own:
+            return own
+        if not self.adapter.resizable:
+            raise UserError(f"backbone.image_size: {self.name or 'this VLM'} takes {own} px pictures "
+                            f"(its vision tower's size), not {wanted}")
+        f = int(self.adapter.size_factor(self)) if self.adapter.size_factor else 1
+        if wanted <= 0 or wanted % f:
+            raise UserError(f"backbone.image_size: {wanted} is not a positive multiple of {f} "
+                            f"(patch size x merge size of {self.name or 'this VLM'})")
+        return wanted
 
     # ------------------------------------------------------------------ construction
     @classmethod
     def from_config(cls, name: str, pretrained: str | None = None, *, download: bool = False,
-                    prompt_template: str | None = None, dtype: torch.dtype | None = None) -> "VisionLanguageModel":
+                    prompt_template: str | None = None, dtype: torch.dtype | None = None,
+                    image_size: int | None = None) -> "VisionLanguageModel":
         """``name``: a shipped tiny VLM (``lmoe-tiny-llava``), a hub id or a local directory.
         ``pretrained``: for a shipped name, a local directory of its weights (the embedded
         ``synthetic`` weights are resolved to one by :func:`lifelong_moe.backbones.factory.load_vlm`);
         None gives the tiny model randomly initialised. Hub ids and
-        directories carry their weights: ``pretrained`` stays None. Never downloads unless
+        directories carry their weights: ``pretrained`` stays None. ``image_size``: the picture side
+        for architectures that take any size (Qwen2-VL); None: the adapter's. Never downloads unless
         ``download``; every failure is one UserError naming the culprit."""
         from .vlm_tiny import shipped_vlm_names
 
@@ -174,12 +200,12 @@ class VisionLanguageModel(nn.Module):
                 from .vlm_tiny import build_tiny_llava
 
                 model, processor = build_tiny_llava(name)
-                return cls(model.to(dtype) if dtype else model, processor, prompt_template, name)
+                return cls(model.to(dtype) if dtype else model, processor, prompt_template, name, image_size)
             source = pretrained
             if not Path(source).expanduser().is_dir():
                 raise UserError(f"backbone.pretrained: directory of {name} weights not found: {source}")
-            model, processor = load_llava(source, local_files_only=True, dtype=dtype)
-            return cls(model, processor, prompt_template, name)
+            model, processor = load_vlm_model(source, local_files_only=True, dtype=dtype)
+            return cls(model, processor, prompt_template, name, image_size)
         if pretrained is not None:
             raise UserError(f"backbone.pretrained: {pretrained!r} is only used with a shipped tiny VLM "
                             f"({', '.join(shipped_vlm_names())}); a hub id or a local directory carries its weights")
@@ -188,8 +214,8 @@ class VisionLanguageModel(nn.Module):
             if close:
                 raise UserError(f"backbone.name: unknown VLM {name!r} (did you mean {close[0]!r}?); shipped tiny "
                                 f"VLMs: {', '.join(shipped_vlm_names())}; or a hub id / local directory")
-        model, processor = load_llava(name, local_files_only=not download, dtype=dtype)
-        return cls(model, processor, prompt_template, name)
+        model, processor = load_vlm_model(name, local_files_only=not download, dtype=dtype)
+        return cls(model, processor, prompt_template, name, image_size)
 
     # ------------------------------------------------------------------ structure
     @property
@@ -200,19 +226,59 @@ class VisionLanguageModel(nn.Module):
     def dtype(self) -> torch.dtype:
         return next(self.model.parameters()).dtype
 
+    def _part(self, path: str) -> nn.Module:
+        """The submodule at one of the adapter's paths, also under a peft wrapper of :attr:`model`
+        (found by the path's ending)."""
+        try:
+            return resolve(self.model, path)
+        except AttributeError:
+            found = next((m for n, m in self.model.named_modules() if n.endswith("." + path)), None)
+            if found is None:
+                raise AttributeError(f"no module {path!r} in the VLM") from None
+            return found
+
     @property
     def language_model(self) -> nn.Module:
-        """The LLM (a ``LlamaModel`` for LLaVA-1.5), found by name so that a peft-wrapped
-        :attr:`model` still has it."""
-        lm = getattr(getattr(self.model, "model", None), "language_model", None)
-        if lm is None:
-            lm = next(m for n, m in self.model.named_modules() if n.endswith("language_model") and hasattr(m, "layers"))
-        return lm
+        """The LLM's decoder stack (a ``LlamaModel`` for LLaVA-1.5), at the adapter's path."""
+        return self._part(self.adapter.language_model)
 
     @property
     def decoder_layers(self) -> nn.ModuleList:
         """The LLM's decoder layers, by index (for hooks and adapter injection)."""
         return self.language_model.layers
+
+    @property
+    def final_norm(self) -> nn.Module:
+        """The norm after the last decoder layer (before the LM head)."""
+        return resolve(self.language_model, self.adapter.final_norm)
+
+    @property
+    def hidden_size(self) -> int:
+        return int(self.language_model.config.hidden_size)
+
+    @property
+    def call_module(self) -> nn.Module:
+        """The module every forward pass and generation step calls (hooks that need each call)."""
+        return self._part(self.adapter.call_module) if self.adapter.call_module else self.model
+
+    @property
+    def projector(self) -> nn.Module:
+        """The vision-language projector (LLaVA's ``multi_modal_projector``, Qwen2-VL's merger, ...)."""
+        return self._part(self.adapter.projector)
+
+    @property
+    def vision_dim(self) -> int:
+        """The width of the projector's input (the frozen vision feature)."""
+        if self.adapter.vision_dim is not None:
+            return int(self.adapter.vision_dim(self))
+        return next(m for m in self.projector.modules() if isinstance(m, nn.Linear)).in_features
+
+    def layer_linear(self, layer: int, name: str) -> nn.Linear:
+        """Decoder layer ``layer``'s linear called ``name`` (canonical: ``q_proj`` ... ``down_proj``)."""
+        if name not in self.adapter.linears:
+            raise UserError(f"{self.name or 'this VLM'} has no {name!r} linear in its decoder layers "
+                            f"(it has {', '.join(self.adapter.linears)})")
+        return resolve(self.decoder_layers[layer], self.adapter.linears[name])
 
     def linear_modules(self) -> dict[str, nn.Linear]:
         """The LLM's ``nn.Linear`` modules by qualified name within :attr:`model` (peft targeting);
@@ -220,23 +286,70 @@ class VisionLanguageModel(nn.Module):
         prefix = next(n for n, m in self.model.named_modules() if m is self.language_model) + "."
         return {n: m for n, m in self.model.named_modules() if n.startswith(prefix) and isinstance(m, nn.Linear)}
 
-    def lora_target_regex(self, names: Sequence[str] = LM_LAYERS) -> str:
-        """A peft ``target_modules`` regex (matched with ``re.fullmatch``) selecting the LLM's
-        decoder linears called ``names``, whether peft wraps :attr:`model` or this module."""
-        return r"(?:.*\.)?language_model\.layers\.\d+\.(?:self_attn|mlp)\.(?:" + "|".join(names) + ")"
+    def lora_target_regex(self, names: Sequence[str] = LM_LAYERS, layers: Sequence[int] | None = None) -> str:
+        """A peft ``target_modules`` regex (matched with ``re.fullmatch``) selecting the LLM's decoder
+        linears called ``names`` (canonical names; those the architecture lacks are skipped), in every
+        layer or in ``layers``, whether peft wraps :attr:`model` or this module."""
+        paths = [re.escape(self.adapter.linears[n]) for n in names if n in self.adapter.linears]
+        if not paths:
+            raise UserError(f"LoRA targets {list(names)}: {self.name or 'this VLM'} has none of them "
+                            f"(it has {', '.join(self.adapter.linears)})")
+        index = r"\d+" if layers is None else "(?:" + "|".join(str(int(i)) for i in layers) + ")"
+        return (r"(?:.*\.)?" + re.escape(self.adapter.language_model) + r"\.layers\." + index
+                + r"\.(?:" + "|".join(paths) + ")")
+
+    def projector_target_regex(self) -> str:
+        """A peft ``target_modules`` regex selecting the projector's ``nn.Linear`` modules."""
+        path = self.adapter.projector
+        names = [f"{path}.{n}" for n, m in self.projector.named_modules() if isinstance(m, nn.Linear)]
+        return r"(?:.*\.)?(?:" + "|".join(re.escape(n) for n in names) + ")"
+
+    def model_inputs(self, batch: VlmBatch) -> dict:
+        """Keyword arguments of one forward pass of :attr:`model` on ``batch``: ids, attention mask and
+        the architecture's image arguments (none for text-only prompts)."""
+        images = {} if batch.pixel_values is None else self.adapter.pixel_inputs(self, batch.pixel_values,
+                                                                                 batch.input_ids)
+        return {"input_ids": batch.input_ids, "attention_mask": batch.attention_mask, **images}
+
+    def pixels_from_image(self, image) -> torch.Tensor:
+        """``[3, S, S]`` float32 of a PIL image: the processor's own pixels where it makes one
+        ``S x S`` picture (LLaVA), else resized (bicubic) and normalised with its mean and std."""
+        import numpy as np
+        from PIL import Image
+
+        image = image.convert("RGB")
+        ip = getattr(self.processor, "image_processor", None)
+        if self.adapter.pixel_inputs is plain_pixels and ip is not None:
+            pixels = ip(images=image, return_tensors="pt")["pixel_values"]
+            if tuple(pixels.shape) == (1, 3, self.image_size, self.image_size):
+                return pixels[0].to(torch.float32)
+        s = self.image_size
+        x = torch.from_numpy(np.asarray(image.resize((s, s), Image.BICUBIC), dtype=np.float32) / 255.0)
+        x = x.permute(2, 0, 1)
+        return (x - torch.tensor(self.mean).view(3, 1, 1)) / torch.tensor(self.std).view(3, 1, 1)
 
     # ------------------------------------------------------------------ tokenisation
     def prompt(self, question: str, text_only: bool = False) -> str:
         return (self.text_template if text_only else self.prompt_template).replace("{question}", question.strip())
 
     def _expand(self, text: str) -> str:
-        return text.replace(self.image_token, self.image_token * self.num_image_tokens)
+        n = self.num_image_tokens
+        return text.replace(self.image_token, self.adapter.expand(self, n) if self.adapter.expand
+                            else self.image_token * n)
 
     def _check_images(self, pixel_values: torch.Tensor, n: int) -> None:
         s = self.image_size
         if pixel_values.ndim != 4 or tuple(pixel_values.shape[1:]) != (3, s, s) or pixel_values.shape[0] != n:
             raise ValueError(f"pixel_values must have shape [{n}, 3, {s}, {s}] (one image per question), "
                              f"got {list(pixel_values.shape)}")
+
+    def _image_first(self, ids: list[int]) -> list[int]:
+        """``BOS, image tokens, ...`` -> ``image tokens, BOS, ...`` where the architecture puts the
+        image before BOS (BLIP-2); otherwise ``ids`` unchanged."""
+        n, bos = self.num_image_tokens, self.tokenizer.bos_token_id
+        if not self.adapter.image_before_bos or len(ids) <= n or ids[0] != bos or ids[1] != self.image_token_id:
+            return ids
+        return ids[1:n + 1] + ids[:1] + ids[n + 1:]
 
     def encode(self, questions: Sequence[str], answers: Sequence[str] | None = None,
                text_only: bool = False) -> list[tuple[list[int], int]]:
@@ -247,7 +360,7 @@ class VisionLanguageModel(nn.Module):
         ``text_only``: prompts without the image token (:attr:`text_template`)."""
         tok = self.tokenizer
         prompts = [self._expand(self.prompt(q, text_only)) for q in questions]
-        p_ids = tok(prompts)["input_ids"]
+        p_ids = [self._image_first(ids) for ids in tok(prompts)["input_ids"]]
         want = 0 if text_only else self.num_image_tokens
         for p, ids in zip(prompts, p_ids):
             if ids.count(self.image_token_id) != want:
@@ -255,7 +368,8 @@ class VisionLanguageModel(nn.Module):
                                  f"{want} (the template must name {self.image_token!r} once)")
         if answers is None:
             return [(list(ids), len(ids)) for ids in p_ids]
-        full = tok([p + ANSWER_SEPARATOR + a.strip() for p, a in zip(prompts, answers)])["input_ids"]
+        full = [self._image_first(ids) for ids in
+                tok([p + ANSWER_SEPARATOR + a.strip() for p, a in zip(prompts, answers)])["input_ids"]]
         out = []
         for ids, f, a in zip(p_ids, full, answers):
             if f[:len(ids)] == ids:
@@ -274,6 +388,8 @@ class VisionLanguageModel(nn.Module):
         if answers is not None and len(answers) != len(questions):
             raise ValueError(f"{len(questions)} questions but {len(answers)} answers")
         text_only = pixel_values is None
+        if text_only and not self.adapter.text_only:
+            raise ValueError(f"{self.name or 'this VLM'} ({self.model.config.model_type}) answers only with a picture")
         if not text_only:
             self._check_images(pixel_values, len(questions))
         enc = self.encode(questions, answers, text_only)
@@ -310,8 +426,7 @@ class VisionLanguageModel(nn.Module):
     def logits(self, batch: VlmBatch) -> torch.Tensor:
         """``[B, L, V]``: position ``t`` scores token ``t + 1``."""
         with self.running(batch):
-            return self.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
-                              pixel_values=batch.pixel_values).logits
+            return self.model(**self.model_inputs(batch)).logits
 
     forward = logits
 
@@ -349,10 +464,8 @@ class VisionLanguageModel(nn.Module):
         batch = self.batch(pixel_values, questions, padding_side="left")
         cfg = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=False, num_beams=1, use_cache=True,
                                eos_token_id=self.eos_token_id, pad_token_id=self.pad_token_id)
-        images = {} if batch.pixel_values is None else {"pixel_values": batch.pixel_values}
         with self.running(batch):
-            out = self.model.generate(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
-                                      generation_config=cfg, **images)
+            out = self.model.generate(**self.model_inputs(batch), generation_config=cfg)
         return out[:, batch.input_ids.shape[1]:]
 
     def decode(self, ids: torch.Tensor) -> list[str]:

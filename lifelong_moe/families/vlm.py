@@ -1,4 +1,4 @@
-"""The ``vlm`` family: a frozen Hugging Face LLaVA-style generative VLM, on VQA streams."""
+"""The ``vlm`` family: a frozen Hugging Face image-text-to-text VLM, on VQA streams."""
 from __future__ import annotations
 
 from typing import Any, Literal, Optional
@@ -18,11 +18,15 @@ class VlmBackboneConfig(Strict):
     pretrain: Optional[dict[str, Any]] = None  # with pretrained: synthetic, overrides of the VLM pretraining config
     download: bool = False
     prompt_template: Optional[str] = None  # None: the model's own ("{question}" is replaced)
+    image_size: Optional[int] = None  # picture side for any-resolution models (Qwen2-VL); None: the model's
+    # the frozen weights' dtype; bf16 / fp16 compute under autocast in that dtype (runtime.precision
+    # defaults to it), trainable state (adapters, experts, generators) stays fp32
+    dtype: Literal["fp32", "bf16", "fp16"] = "fp32"
 
 
 FAMILY = BackboneFamily(
     name="vlm",
-    description="Hugging Face LLaVA-style generative VLM (vqa streams)",
+    description="Hugging Face image-text-to-text VLM: LLaVA, Qwen2-VL, LLaVA-NeXT, Idefics3, BLIP-2 (vqa streams)",
     config=VlmBackboneConfig,
     task_kind="vqa",
     loader="lifelong_moe.backbones.factory:build_vlm",
