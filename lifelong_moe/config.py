@@ -55,6 +55,8 @@ class StreamConfig(Strict):
     question_types: Optional[list[str]] = None
     partition_dir: Optional[str] = None  # vqacl: where the per-question-type JSON lists are (default: root)
     questions_per_type: SplitSizes = SplitSizes()  # deterministic subsampling of each task's questions
+    # vqa: an answer word the tiny VLM's closed vocabulary lacks (it would be <unk>): refuse the stream or warn
+    on_unknown_answer: Literal["error", "warn"] = "error"
 
     @model_validator(mode="after")
     def _kind_fields(self) -> "StreamConfig":
@@ -155,8 +157,10 @@ class RuntimeConfig(Strict):
     ``jobs > 1`` every variant's process uses this same device: on one GPU they share its memory and
     compute. ``precision``: ``fp32``, or ``bf16`` / ``fp16`` mixed precision (autocast around forward
     passes, trainable weights and optimiser state kept in fp32, fp16 with a loss scaler); see
-    :mod:`lifelong_moe.runtime.device`. ``auto`` is the CPU on a machine without a GPU, and CPU fp32 runs
-    compute exactly what they did before these settings existed."""
+    :mod:`lifelong_moe.runtime.device`. A VLM whose frozen weights are stored in half precision
+    (``backbone.dtype: bf16 | fp16``) computes under autocast in that dtype: ``precision`` defaults to it
+    and may not differ (:func:`apply_backbone_dtype`). ``auto`` is the CPU on a machine without a GPU,
+    and CPU fp32 runs compute exactly what they did before these settings existed."""
 
     threads: Optional[int] = Field(None, ge=1, le=1024)  # torch's OpenMP pool segfaults at 100000
     jobs: int = Field(1, ge=1)
@@ -280,11 +284,29 @@ def format_validation_error(err: ValidationError, prefix: str = "") -> str:
 TASK_PHRASES = {"classification": "is classification", "vqa": "asks questions"}
 
 
+def apply_backbone_dtype(cfg) -> None:
+    """``runtime.precision`` of a config whose backbone stores its weights in ``backbone.dtype`` (VLMs):
+    that dtype when the key is not given; a half-precision backbone under another precision is a
+    ConfigError (:func:`lifelong_moe.runtime.device.resolve_precision`)."""
+    from .errors import UserError
+    from .runtime.device import resolve_precision
+
+    dtype = getattr(cfg.backbone, "dtype", "fp32")
+    given = cfg.runtime.precision if "precision" in cfg.runtime.model_fields_set else None
+    try:
+        precision = resolve_precision(dtype, given)
+    except UserError as e:
+        raise ConfigError(str(e)) from None
+    if precision != cfg.runtime.precision:
+        cfg.runtime = cfg.runtime.model_copy(update={"precision": precision})
+
+
 def validate(data: dict) -> RunConfig:
     try:
         cfg = RunConfig.model_validate(data)
     except ValidationError as e:
         raise ConfigError(format_validation_error(e)) from None
+    apply_backbone_dtype(cfg)
     family = FAMILIES[cfg.backbone.family]
     if cfg.stream.task_kind != family.task_kind:
         answers = [f.name for f in FAMILIES.values() if f.task_kind == cfg.stream.task_kind]

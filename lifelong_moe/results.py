@@ -58,8 +58,13 @@ def new_record(cfg: RunConfig, stream, metric_kind: str, params: dict) -> dict:
     }
 
 
-def record_runtime(record: dict, device: str, precision: str) -> None:
-    """``runtime``: the device (resolved, with the GPU's name) and precision the run computes with; a
+# config keys added after runs were saved with this schema, with the value a saved run without them used
+ADDED_KEYS = {"backbone": {"dtype": "fp32"}}
+
+
+def record_runtime(record: dict, device: str, precision: str, dtype: str | None = None) -> None:
+    """``runtime``: the device (resolved, with the GPU's name) and precision the run computes with, and
+    (backbones with ``backbone.dtype``) ``dtype``, the dtype its frozen weights are stored in; a
     resume on another device keeps the first and lists the others under ``resumed_on``; a resume in
     another precision is refused (UserError, raised before anything is written)."""
     run = record.get("runtime")
@@ -67,7 +72,7 @@ def record_runtime(record: dict, device: str, precision: str) -> None:
         raise UserError(f"--resume: the run computes in {run['precision']}, runtime.precision is now "
                         f"{precision}; resume with runtime.precision={run['precision']}")
     if not run:
-        record["runtime"] = {"device": device, "precision": precision}
+        record["runtime"] = {"device": device, "precision": precision, **({"dtype": dtype} if dtype else {})}
     elif device != run["device"] and device not in run.get("resumed_on", []):
         run.setdefault("resumed_on", []).append(device)
 
@@ -273,6 +278,11 @@ class RunDir:
         if not isinstance(saved, dict):
             raise UserError(f"--resume: {cy} does not hold a configuration (a mapping of keys)")
         now = cfg.to_dict()
+        for section, keys in ADDED_KEYS.items():  # a run saved before a key existed ran with its default
+            if isinstance(saved.get(section), dict) and isinstance(now.get(section), dict):
+                for k, v in keys.items():
+                    if now[section].get(k) == v:
+                        saved[section].setdefault(k, v)
         diff = sorted(k for k in set(saved) | set(now) if saved.get(k) != now.get(k) and k not in ("output", "runtime", "logging"))
         if diff:
             raise UserError(f"--resume: the configuration differs from the saved run in: {', '.join(diff)}")

@@ -314,15 +314,17 @@ class ClMoEMethod:
 class FirstLayerProbe:
     """Frozen features of the inputs in the forward pass, for the task prototypes: the frozen vision
     tower's output (the projector's input, read by :meth:`read_vision`, a pre-hook on the projector)
-    mean-pooled over each image's patches, and the first decoder layer's input (the frozen word
+    mean-pooled over each image's patches (all the rows of one image: LLaVA-NeXT's tiles, Qwen2-VL's
+    flattened patches), and the first decoder layer's input (the frozen word
     embeddings) mean-pooled over the question tokens; each half L2-normalised. Both are frozen whether
     or not the projector trains. When masks are pending for a pass of matching shape, the features go
     to ``callback`` before any adapted layer runs; decoding steps (one new token) find nothing pending."""
 
-    def __init__(self, callback, image_token_id: int, vision_dim: int):
+    def __init__(self, callback, image_token_id: int, vision_dim: int, running=lambda: None):
         self.callback, self.image_token_id, self.vision_dim = callback, image_token_id, vision_dim
+        self.running = running  # the VLM's running batch: masks where no call saw input_ids (BLIP-2's generate)
         self.pending: tuple[torch.Tensor, torch.Tensor] | str | None = None
-        self.vision: torch.Tensor | None = None  # [images, vision_dim] of the pending pass
+        self.vision: torch.Tensor | None = None  # the projector's input [..., vision_dim] in the pending pass
 
     def expect(self, image_mask: torch.Tensor | None = None, text_mask: torch.Tensor | None = None) -> None:
         """Pool the next pass over these token masks; without masks, over the prompt the next
@@ -331,7 +333,7 @@ class FirstLayerProbe:
         self.vision = None
 
     def read_inputs(self, module, args, kwargs):
-        """Forward pre-hook on the LLaVA model: masks from the prompt being prefilled."""
+        """Forward pre-hook on the transformers model: masks from the prompt being prefilled."""
         ids, att = kwargs.get("input_ids"), kwargs.get("attention_mask")
         if self.pending == "inputs" and ids is not None and ids.shape[1] > 1:
             valid = att.bool() if att is not None else torch.ones_like(ids, dtype=torch.bool)
@@ -340,14 +342,16 @@ class FirstLayerProbe:
         return None
 
     def read_vision(self, module, args, kwargs):
-        """Forward pre-hook on the projector: its input [images, patches, vision_dim] is the frozen
-        vision tower's output, pooled over the patches (generation may encode the images before the
-        prefill's forward pass, while the masks are still to be read)."""
+        """Forward pre-hook on the projector: its input (``[images, patches, vision_dim]`` for LLaVA) is
+        the frozen vision tower's output, kept until the first decoder layer pools it per question
+        (generation may encode the images before the prefill's forward pass, while the masks are still
+        to be read)."""
         if self.pending is not None:
             x = args[0] if args else next(iter(kwargs.values()))
-            if x.dim() != 3:
-                raise ValueError(f"task prototypes expect projector input [images, patches, dim], got {list(x.shape)}")
-            self.vision = torch.nn.functional.normalize(x.float().mean(1), dim=-1)
+            if x.shape[-1] != self.vision_dim:
+                raise ValueError(f"task prototypes expect projector input [..., {self.vision_dim}], "
+                                 f"got {list(x.shape)}")
+            self.vision = x.detach()
         return None
 
     @staticmethod
@@ -357,28 +361,36 @@ class FirstLayerProbe:
         return torch.nn.functional.normalize((h.float() * m).sum(1) / m.sum(1).clamp_min(1), dim=-1)
 
     def __call__(self, module, args, kwargs):
-        if not isinstance(self.pending, tuple):
+        if self.pending is None:
             return None
         h = args[0] if args else kwargs["hidden_states"]
+        batch = self.running() if self.pending == "inputs" else None
+        if batch is not None and tuple(batch.input_ids.shape) == tuple(h.shape[:2]):
+            self.pending = (batch.image_mask, batch.prompt_mask)
+        if not isinstance(self.pending, tuple):
+            return None
         image_mask, text_mask = self.pending
         if tuple(h.shape[:2]) != tuple(image_mask.shape):
             return None
         self.pending, vision, self.vision = None, self.vision, None
         if vision is None:  # text-only prompts: no image, a zero image half
             vision = torch.zeros(h.shape[0], self.vision_dim)
-        elif vision.shape[0] != h.shape[0]:
-            raise ValueError(f"task prototypes take one image per question: {vision.shape[0]} images "
-                             f"for {h.shape[0]} questions")
+        elif vision[..., 0].numel() % h.shape[0]:
+            raise ValueError(f"task prototypes take one image per question: projector input "
+                             f"{list(vision.shape)} for {h.shape[0]} questions")
+        else:  # each question's rows are contiguous: [B, rows, d] -> mean over rows
+            vision = torch.nn.functional.normalize(vision.float().reshape(h.shape[0], -1, self.vision_dim).mean(1),
+                                                   dim=-1)
         self.callback(torch.cat([vision.to(h.device), self.pool(h, text_mask)], dim=-1))
         return None
 
 
 def find_projector(model) -> torch.nn.Module:
-    """The VLM's vision-language projector (LLaVA's ``multi_modal_projector`` / ``mm_projector``)."""
-    found = [m for n, m in model.model.named_modules() if n.split(".")[-1] in ("multi_modal_projector", "mm_projector")]
-    if len(found) != 1:
-        raise UserError(f"CL-MoE: expected one vision-language projector in the VLM, found {len(found)}")
-    return found[0]
+    """The VLM's vision-language projector (at its architecture adapter's path)."""
+    try:
+        return model.projector
+    except AttributeError:
+        raise UserError(f"CL-MoE: no vision-language projector at {model.adapter.projector!r} in the VLM") from None
 
 
 class Strategy(ClMoEMethod, VlmStrategy):
@@ -388,14 +400,14 @@ class Strategy(ClMoEMethod, VlmStrategy):
     def setup(self, model) -> None:
         self._net = model  # Avalanche sets self.model only after setup
         self._projector = find_projector(model)
-        vision_dim = next(m for m in self._projector.modules() if isinstance(m, torch.nn.Linear)).in_features
-        self.setup_cl_moe(model, vision_dim + model.language_model.config.hidden_size)
+        vision_dim = model.vision_dim
+        self.setup_cl_moe(model, vision_dim + model.hidden_size)
         self._projector.requires_grad_(self.params.train_projector)  # the release trains it
-        self._probe = FirstLayerProbe(self._on_features, model.image_token_id, vision_dim)
+        self._probe = FirstLayerProbe(self._on_features, model.image_token_id, vision_dim,
+                                      lambda: model.current_batch)
         self._projector.register_forward_pre_hook(self._probe.read_vision, with_kwargs=True)
         model.decoder_layers[0].register_forward_pre_hook(self._probe, with_kwargs=True)
-        llava = next(m for m in model.model.modules() if getattr(m, "language_model", None) is model.language_model)
-        llava.register_forward_pre_hook(self._probe.read_inputs, with_kwargs=True)  # sees input_ids
+        model.model.register_forward_pre_hook(self._probe.read_inputs, with_kwargs=True)  # sees input_ids
 
     def inject(self, model):
         return self.inject_experts(model.model, model.lora_target_regex(tuple(self.params.targets)))
@@ -432,7 +444,8 @@ class Strategy(ClMoEMethod, VlmStrategy):
                 batch = self.qa_batch(x, [self.records[int(i)] for i in idx])
                 state.token_mask = batch.attention_mask.bool()
                 self._probe.expect(batch.image_mask, batch.prompt_mask)
-                self.model.logits(batch)
+                with self.autocast():
+                    self.model.logits(batch)
         finally:
             state.record, state.token_mask, self._probe.pending = False, None, None
             self.model.train(was)
@@ -459,6 +472,8 @@ class Strategy(ClMoEMethod, VlmStrategy):
         if self.mixes_tasks():
             self._probe.expect(batch.image_mask, batch.prompt_mask)
         try:
-            return self.model.token_accuracy(batch).cpu()
+            with self.autocast():
+                logits = self.model.logits(batch)
+            return self.model.token_accuracy(batch, logits).cpu()
         finally:
             self.moe.state.task_ids, self._probe.pending = None, None

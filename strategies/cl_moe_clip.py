@@ -63,9 +63,10 @@ class Strategy(ClMoEMethod, ClipStrategy):
 
     @torch.no_grad()
     def frozen_features(self, x: torch.Tensor) -> torch.Tensor:
-        """The frozen CLIP's normalised image embedding (experts bypassed)."""
-        with self._bypass():
-            return self._net.encode_image(x)
+        """The frozen CLIP's normalised image embedding (experts bypassed), computed in the run's
+        precision, returned in fp32 (the prototypes' distances are thresholded)."""
+        with self._bypass(), self.autocast():
+            return self._net.encode_image(x).float()
 
     # ---------------------------------------------------------------- training
     def end_cl_moe_task(self, index: int, dataset) -> None:
@@ -82,7 +83,8 @@ class Strategy(ClMoEMethod, ClipStrategy):
                 x = x.to(self.device)
                 if self.prototypes is not None:
                     self._feats.append(self.frozen_features(x).cpu())
-                self.model(x, self.head)
+                with self.autocast():
+                    self.model(x, self.head)
         finally:
             state.record = False
             self.model.clear_text_cache()
@@ -96,11 +98,13 @@ class Strategy(ClMoEMethod, ClipStrategy):
         head = self.head_for(task, classes, self.cfg.evaluation.prompt)
         st = self.moe.state
         st.task_ids = None
-        text = self.model.text_features(head)  # instance routers only
+        with self.autocast():
+            text = self.model.text_features(head)  # instance routers only
         if self.mixes_tasks():
             self._eval_task = task.index
             self.infer_task(self.frozen_features(x))
         try:
-            return self.model.logit_scale * self.model.encode_image(x) @ text.t()
+            with self.autocast():
+                return self.model.logit_scale * self.model.encode_image(x) @ text.t()
         finally:
             st.task_ids, self._eval_task = None, None

@@ -19,7 +19,7 @@ from tqdm.auto import tqdm
 
 from lifelong_moe.runtime import distributed
 from lifelong_moe.config import RunConfig, Strict
-from lifelong_moe.runtime.device import autocast, full_precision, grad_scaler
+from lifelong_moe.runtime.device import autocast, full_precision, grad_scaler, keep_trainable_fp32
 
 
 class StrategyParams(Strict):
@@ -64,6 +64,7 @@ class ContinualTemplate(SupervisedTemplate):
         model.to(self.device)  # before setup: what it injects or creates follows the model's device
         original = {id(p) for p in model.parameters()}
         self.setup(model)
+        keep_trainable_fp32(model)  # a half-precision backbone: its adapters train in fp32 (runtime.device)
         self.state_names = [n for n, p in model.named_parameters() if p.requires_grad or id(p) not in original]
         placeholder = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.0)
         with warnings.catch_warnings():  # our evaluator scores the matrix; Avalanche's has no loggers

@@ -270,11 +270,13 @@ def test_remove_restores_plain_linears():
     assert set(model.state_dict()) == set(before) and torch.equal(model(x), frozen)
 
 
-def test_bfloat16_backbone_gets_bfloat16_experts_and_mixes():
+def test_bfloat16_backbone_keeps_fp32_experts_and_mixes_in_bfloat16():
+    """A bf16 backbone (backbone.dtype): experts and routers stay fp32 (trainable state), cast to the
+    activations' dtype where they meet them, with or without autocast."""
     model = Tiny().to(torch.bfloat16).requires_grad_(False)
     handle = inject_lora_experts(model, ["q_proj", "up_proj"], num_experts=4, r=8, alpha=16)
     lin = handle.layers["layers.0.q_proj"]
-    assert lin.experts.A.dtype == lin.router.weight.dtype == torch.bfloat16
+    assert lin.experts.A.dtype == lin.router.weight.dtype == torch.float32
     x = torch.randn(2, 3, 6, dtype=torch.bfloat16)
     assert torch.equal(lin(x), torch.nn.functional.linear(x, lin.weight, lin.bias))
     _randomise_b(handle)
@@ -283,3 +285,10 @@ def test_bfloat16_backbone_gets_bfloat16_experts_and_mixes():
     handle.state.task_ids = torch.tensor([0, -1])
     out = model(x)
     assert out.dtype == torch.bfloat16 and torch.isfinite(out.float()).all()
+    out.float().sum().backward()  # gradients reach the fp32 experts in fp32
+    assert lin.experts.B.grad.dtype == lin.router.weight.grad.dtype == torch.float32
+    model.eval()  # no dropout: the same computation as autocast's
+    with torch.no_grad():
+        plain = model(x)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            assert torch.allclose(model(x).float(), plain.float(), atol=1e-2)

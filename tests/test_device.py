@@ -295,8 +295,9 @@ TINY = dict(stream__classes_per_experience=[4, 3, 3], stream__num_experiences=No
             stream__samples_per_class={"train": 8, "test": 4}, runtime__threads=1)
 
 
-@pytest.mark.parametrize("name, extra", [STRATEGIES[i] for i in (0, 1, 2, 3, 5, 6)],
-                         ids=[IDS[i] for i in (0, 1, 2, 3, 5, 6)])
+@pytest.mark.parametrize("name, extra", [STRATEGIES[i] for i in (0, 1, 2, 3, 5, 6)]
+                         + [("cl_moe", {"num_experts": 4, "r": 8})],
+                         ids=[IDS[i] for i in (0, 1, 2, 3, 5, 6)] + ["cl_moe"])
 def test_bf16_autocasts_every_forward_and_keeps_trainable_state_fp32(one_thread, name, extra):
     """bf16 on the CPU end to end: every forward pass of the image tower (training, LwF's teacher,
     replayed batches, DDAS features, evaluation) computes in bf16; weights, optimiser state, cached

@@ -56,7 +56,7 @@ def _one(vlm, record: EditRecord):
 # ----------------------------------------------------------------------------------------- FT / LoRA
 @contextmanager
 def frozen_image_features(vlm):
-    """Within the block, LLaVA's image features are computed once and reused: the vision tower and
+    """Within the block, the VLM's image features are computed once and reused: the vision tower and
     projector are frozen and the edit's image does not change between steps (same values, less work)."""
     inner = getattr(vlm.model, "model", None)
     real = getattr(inner, "get_image_features", None)
@@ -122,13 +122,17 @@ class _WeightEditing:
         self.set_edits({})
         self.vlm = None
 
-    def fit(self, train: Sequence[EditRecord], *, seed: int = 0) -> dict:
+    def fit(self, train: Sequence[EditRecord], *, seed: int = 0, progress=None) -> dict:
         return {}
 
     def make_edit(self, record: EditRecord) -> dict[str, torch.Tensor]:
         params = list(self._trainable().values())
         batch = _one(self.vlm, record)
-        opt = torch.optim.Adam(params, lr=self.params.lr)
+        # Adam on fp32 master copies of half-precision weights (FT on a bf16 / fp16 backbone: steps of
+        # lr 1e-3 would round away in the weight's own dtype), written back after every step; fp32
+        # weights are their own masters
+        masters = [p if p.dtype == torch.float32 else p.detach().float() for p in params]
+        opt = torch.optim.Adam(masters, lr=self.params.lr)
         with torch.enable_grad(), frozen_image_features(self.vlm):
             for p in params:
                 p.requires_grad_(True)
@@ -137,7 +141,15 @@ class _WeightEditing:
                     loss = self.vlm.answer_loss(batch)
                     opt.zero_grad(set_to_none=True)
                     loss.backward()
+                    for p, m in zip(params, masters):
+                        if m is not p:
+                            m.grad = None if p.grad is None else p.grad.float()
+                            p.grad = None
                     opt.step()
+                    with torch.no_grad():
+                        for p, m in zip(params, masters):
+                            if m is not p:
+                                p.copy_(m)
             finally:
                 for p in params:
                     p.requires_grad_(False)
@@ -170,8 +182,7 @@ class FineTune(_WeightEditing):
 
     def _trainable(self):
         i = _layer(self.vlm, self.params.layer)
-        mlp = self.vlm.decoder_layers[i].mlp
-        return {f"layers.{i}.mlp.{m}.weight": getattr(mlp, m).weight for m in self.params.modules}
+        return {f"layers.{i}.mlp.{m}.weight": self.vlm.layer_linear(i, m).weight for m in self.params.modules}
 
 
 class LoraEdit(_WeightEditing):
@@ -181,14 +192,16 @@ class LoraEdit(_WeightEditing):
         from peft import LoraConfig, inject_adapter_in_model
 
         i = _layer(vlm, self.params.layer)
-        target = r"(?:.*\.)?language_model\.layers\." + str(i) + r"\.mlp\.(?:" + "|".join(self.params.modules) + ")"
+        target = vlm.lora_target_regex(self.params.modules, layers=[i])
         if not any("lora_" in n for n, _ in vlm.model.named_parameters()):
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(self.params.seed)
                 inject_adapter_in_model(LoraConfig(r=self.params.r, lora_alpha=self.params.alpha, lora_dropout=0.0,
                                                    target_modules=target), vlm.model)
-            for p in vlm.model.parameters():
+            for n, p in vlm.model.named_parameters():
                 p.requires_grad_(False)
+                if "lora_" in n and p.dtype != torch.float32:  # a half-precision backbone: LoRA trains in fp32
+                    p.data = p.data.float()
 
     def _trainable(self):
         return {n: p for n, p in self.vlm.model.named_parameters() if "lora_" in n}
@@ -228,13 +241,12 @@ class Retrieval:
             self.vlm.__dict__.pop(a, None)
         self.vlm = None
 
-    def fit(self, train: Sequence[EditRecord], *, seed: int = 0) -> dict:
+    def fit(self, train: Sequence[EditRecord], *, seed: int = 0, progress=None) -> dict:
         return {}
 
     # ------------------------------------------------------------------ features
     def _forward(self, batch):
-        out = self.vlm.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
-                             pixel_values=batch.pixel_values, output_hidden_states=True)
+        out = self.vlm.model(**self.vlm.model_inputs(batch), output_hidden_states=True)
         valid = batch.attention_mask.bool() & ~batch.answer_mask
         pos = (valid * torch.arange(valid.shape[1], device=valid.device)).argmax(1)  # last prompt token
         h = out.hidden_states[self.params.layer]

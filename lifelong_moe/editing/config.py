@@ -11,7 +11,7 @@ from typing import Any, Literal, Optional
 
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, model_validator
 
-from ..config import (OutputConfig, RuntimeConfig, Strict, expand_variants,
+from ..config import (OutputConfig, RuntimeConfig, Strict, apply_backbone_dtype, expand_variants,
                       format_validation_error, read_yaml_tree)
 from ..errors import ConfigError
 from ..families.vlm import VlmBackboneConfig
@@ -102,6 +102,7 @@ def validate_edit_config(data: dict) -> EditConfig:
         cfg = EditConfig.model_validate(data)
     except ValidationError as e:
         raise ConfigError(format_validation_error(e)) from None
+    apply_backbone_dtype(cfg)
     cfg.method._params = validate_method(cfg.method.name, cfg.method.model_dump())
     return cfg
 

@@ -3,6 +3,7 @@
     editor = Editor("lmoe-tiny-llava", method="retrieval")      # or Editor.from_config("edit.yaml")
     eid = editor.edit(image="cat.png", prompt="what animal is this?", target="dog")
     editor.answer("cat.png", "what animal is this?")          # -> "dog"
+    metrics, vlm, ids = editor.edit(prompts=[...], targets=[...], image=[...])  # EasyEdit's form (.easyedit)
     editor.evaluate(records)                                   # reliability, generality, locality
     editor.save("my_edits"); editor = Editor.load("my_edits")
 
@@ -20,7 +21,7 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import torch
 
@@ -30,6 +31,9 @@ from .records import image_tensor, make_record, record_images, record_text
 from .registry import build_method
 from .store import EditStore, backbone_fingerprint, check_compatible, read_index
 from .types import EditMethod, EditRecord
+
+EASYEDIT_KEYWORDS = {"prompts", "targets", "target_new", "rephrase_prompts", "rephrase_image", "locality_inputs",
+                     "sequential_edit", "keep_original_weight"}  # edit(**these) is EasyEdit's form (.easyedit)
 
 
 def build_vlm(backbone: Any, device: str | torch.device | None = None, seed: int = 0):
@@ -65,7 +69,7 @@ def build_vlm(backbone: Any, device: str | torch.device | None = None, seed: int
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         vlm = load_vlm(cfg.name, weights, pretrain=pretrain, download=cfg.download,
-                       prompt_template=cfg.prompt_template, progress=False)
+                       prompt_template=cfg.prompt_template, progress=False, dtype=cfg.dtype)
     if device is not None:
         vlm.to(device)
     # a hub id or a directory carries its own weights; a tiny VLM without weights is randomly initialised
@@ -85,12 +89,20 @@ class Editor:
 
     ``backbone``: a :class:`~lifelong_moe.backbones.vlm.VisionLanguageModel`, a backbone config mapping
     (``name``, ``pretrained``, ...) or a name. ``method``: a registered name (``liveedit``, ``ft``,
-    ``lora``, ``retrieval``) with its parameters as keywords, or a method instance."""
+    ``lora``, ``retrieval``) with its parameters as keywords, or a method instance. ``precision``:
+    ``fp32``, ``bf16`` or ``fp16``, the autocast that fitting, editing, answering and evaluation run
+    under (``runtime.precision``; :mod:`lifelong_moe.runtime.device`); None: the dtype the backbone's
+    weights are stored in (``backbone.dtype``), which a half-precision backbone requires."""
 
     def __init__(self, backbone: Any, method: str | EditMethod = "liveedit", *, seed: int = 0,
-                 device: str | torch.device | None = None, **params):
+                 device: str | torch.device | None = None, precision: str | None = None, **params):
+        from ..runtime.device import check_precision, dtype_name, resolve_precision
+
         self.vlm, self.backbone_config, self.backbone_source = build_vlm(backbone, device, seed)
         self.seed = seed
+        self.dtype = dtype_name(self.vlm.dtype)  # the frozen weights', as loaded
+        self.precision = resolve_precision(self.dtype, precision, where="precision")
+        check_precision(self.vlm.device, self.precision)
         if isinstance(method, str):
             self.method = build_method(method, params)
         else:
@@ -105,6 +117,12 @@ class Editor:
         self.method.set_edits({})
         self.fitted: dict | None = None  # where the method's fitted weights came from (None: not fitted here)
         self._load_default_fitted()
+
+    def autocast(self):
+        """The context every model call of the editor runs in: autocast in :attr:`precision` (none in fp32)."""
+        from ..runtime.device import autocast
+
+        return autocast(self.vlm.device, self.precision)
 
     def _header(self) -> dict:
         return {"method": self.method.name, "method_config": self.method.config(),
@@ -134,7 +152,7 @@ class Editor:
         seed_everything(cfg.seed)
         backbone = cfg.backbone.model_dump(mode="json")
         method = build_method(cfg.method.name, cfg.method_params())
-        return cls(backbone, method, seed=cfg.seed, device=device)
+        return cls(backbone, method, seed=cfg.seed, device=device, precision=cfg.runtime.precision)
 
     # ------------------------------------------------------------------ inputs
     @property
@@ -154,13 +172,16 @@ class Editor:
         return [self._record(r, f"records[{i}]") for i, r in enumerate(records)]
 
     # ------------------------------------------------------------------ editing
-    def fit(self, train_records: Sequence[Any], *, train: dict | None = None) -> dict:
+    def fit(self, train_records: Sequence[Any], *, train: dict | None = None,
+            progress: Callable[[str], None] | None = None) -> dict:
         """Meta-train the method (LiveEdit) on ``train_records``; baselines return ``{}``. ``train``
-        describes the split for :meth:`save_fitted` (default: the number of records and the seed)."""
+        describes the split for :meth:`save_fitted` (default: the number of records and the seed);
+        ``progress`` receives a line about every twentieth of the steps (losses, time left)."""
         if len(self.store):
             raise UserError("fit() before editing: the store already holds edits (reset() first)")
         recs = self.records(train_records)
-        stats = self.method.fit(recs, seed=self.seed)
+        with self.autocast():
+            stats = self.method.fit(recs, seed=self.seed, progress=progress)
         if self.needs_fit:
             self.fitted = {"source": "meta-trained", "path": None, **stats,
                            "train": train or {"source": "records", "records": len(recs), "seed": self.seed}}
@@ -246,12 +267,27 @@ class Editor:
             f"or load fitted ones: editor.load_fitted(path) or the method setting fitted=<path> "
             f"(`lifelong-moe fit {name} CONFIG --out DIR` makes them)")
 
-    def edit(self, image: Any = None, prompt: str = "", target: str = "", **fields) -> str:
+    def edit(self, image: Any = None, prompt: str = "", target: str = "", **fields) -> str | tuple:
         """Apply one edit; return its id. ``image``: a path, a PIL image, a pixel tensor or None;
-        other MMEdit fields (``rephrase``, ``loc``, ...) may be given and are kept with the request."""
+        other MMEdit fields (``rephrase``, ``loc``, ...) may be given and are kept with the request.
+        With EasyEdit's keywords (``prompts=``, ``targets=``, ...) it is :meth:`edit_easyedit`."""
+        if fields.keys() & EASYEDIT_KEYWORDS or isinstance(prompt, (list, tuple)):
+            if prompt or target:
+                raise UserError("edit: give one edit as prompt=, target= or EasyEdit's lists as prompts=, targets=, "
+                                "image= (by keyword), not both")
+            return self.edit_easyedit(image=image, **fields)
         self._require_fitted()
         rec = self._record({"image": image, "src": prompt, "alt": target, **fields}, "edit")
         return self._apply([rec])[0]
+
+    def edit_easyedit(self, prompts: Any = None, targets: Any = None, image: Any = None, **kwargs) -> tuple:
+        """EasyEdit's ``MultimodalEditor.edit`` form: lists of ``prompts``, ``targets`` (or ``target_new``),
+        ``image``, ``rephrase_prompts``, ``rephrase_image``, ``locality_inputs``, ``sequential_edit``,
+        ``keep_original_weight``; returns ``(metrics per edit, the VLM, kept edit ids)`` (:mod:`.easyedit`)."""
+        from .easyedit import edit
+
+        with self.autocast():
+            return edit(self, prompts, targets, image, **kwargs)
 
     def edit_batch(self, records: Sequence[Any]) -> list[str]:
         """Apply MMEdit-style records in order (all validated first); return their ids."""
@@ -263,14 +299,15 @@ class Editor:
         ids = []
         try:
             add = getattr(self.method, "add_edits", None)  # optional: O(new edit) instead of O(store)
-            for rec in recs:
-                tensors = self.method.make_edit(rec)
-                eid = self.store.add(record_text(rec), record_images(rec), tensors, rec.meta)
-                ids.append(eid)
-                if add is None:
-                    self.method.set_edits(self.store.method_view())
-                else:
-                    add({eid: self.store.history[eid].tensors})
+            with self.autocast():
+                for rec in recs:
+                    tensors = self.method.make_edit(rec)
+                    eid = self.store.add(record_text(rec), record_images(rec), tensors, rec.meta)
+                    ids.append(eid)
+                    if add is None:
+                        self.method.set_edits(self.store.method_view())
+                    else:
+                        add({eid: self.store.history[eid].tensors})
         except BaseException:
             self._restore(snap)
             raise
@@ -326,7 +363,8 @@ class Editor:
             raise UserError("answer: give an image for every prompt or for none")
         if px[0] is None and not M.text_only_supported(self.vlm):
             raise UserError("answer: no image, and this backbone takes no text-only prompts")
-        out = self.vlm.generate(None if px[0] is None else torch.stack(px), prompts, max_new_tokens)
+        with self.autocast():
+            out = self.vlm.generate(None if px[0] is None else torch.stack(px), prompts, max_new_tokens)
         return out[0] if single else out
 
     # ------------------------------------------------------------------ evaluation
@@ -338,6 +376,10 @@ class Editor:
         (outputs cached first). ``keep``: leave the sequential edits in the store (else undone)."""
         self._require_fitted("evaluate")
         recs = self.records(records)
+        with self.autocast():
+            return self._evaluate(recs, sequential, keep, generate, batch_size, max_new_tokens)
+
+    def _evaluate(self, recs, sequential, keep, generate, batch_size, max_new_tokens) -> dict:
         pre = M.cache_pre_edit(self.vlm, recs, batch_size, max_new_tokens)
         snap = self._snapshot()
         t = time.perf_counter()
@@ -366,8 +408,10 @@ class Editor:
         return self.store.save(directory, self.method.state_dict())
 
     @classmethod
-    def load(cls, directory: str | Path, backbone: Any = None, *, device: str | torch.device | None = None) -> "Editor":
-        """An Editor from a saved store; ``backbone`` defaults to the one recorded in the store."""
+    def load(cls, directory: str | Path, backbone: Any = None, *, device: str | torch.device | None = None,
+             precision: str | None = None) -> "Editor":
+        """An Editor from a saved store; ``backbone`` defaults to the one recorded in the store (its
+        ``dtype`` included); ``precision`` as for :class:`Editor`."""
         from .registry import validate_method
 
         d = Path(directory)
@@ -380,7 +424,8 @@ class Editor:
         from .fitted import without_fitted
 
         params = without_fitted(validate_method(name, index["method_config"]))  # the store holds its fitted weights
-        editor = cls(backbone, build_method(name, params), device=device, seed=int(index["backbone"].get("seed", 0)))
+        editor = cls(backbone, build_method(name, params), device=device, seed=int(index["backbone"].get("seed", 0)),
+                     precision=precision)
         check_compatible(index, editor._header(), d)
         store, state = EditStore.load(d)
         editor.store = store

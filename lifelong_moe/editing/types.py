@@ -12,7 +12,7 @@ evaluation, persistence) and a method (LiveEdit, the FT / LoRA / retrieval basel
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Mapping, Protocol, Sequence, runtime_checkable
+from typing import Callable, Mapping, Protocol, Sequence, runtime_checkable
 
 import torch
 
@@ -56,7 +56,8 @@ class EditMethod(Protocol):
 
     def detach(self) -> None: ...
 
-    def fit(self, train: Sequence[EditRecord], *, seed: int = 0) -> dict: ...
+    def fit(self, train: Sequence[EditRecord], *, seed: int = 0,
+            progress: Callable[[str], None] | None = None) -> dict: ...
 
     def make_edit(self, record: EditRecord) -> dict[str, torch.Tensor]: ...
 

@@ -59,6 +59,7 @@ class LoRAExperts(StackedExperts):
         b = self.effective("B").reshape(E * r, self.out_features)
         z = (z.unflatten(-1, (E, r)) * gates.unsqueeze(-1).to(z.dtype)).flatten(-2)
         if out is None:
+            b = b.to(z.dtype)
             return alpha * (z @ b) if alpha != 1.0 else z @ b
         # in place, autocast does not cast: under bf16/fp16 autocast ``out`` (the frozen layer's output) is
         # half precision while the experts' weights stay fp32, so the update is computed in out's dtype
@@ -136,8 +137,8 @@ class LoRAMoELinear(nn.Linear):
         self.scaling, self.top_k, self.state = scaling, top_k, state
         self.register_buffer("task_gates", torch.zeros(0, num_experts, device=ref.device))
         self.register_buffer("usage", torch.zeros(num_experts, dtype=torch.long, device=ref.device))
-        self.experts.to(ref.dtype)
-        self.router.to(ref.dtype)
+        # experts and router stay fp32 (trainable state) whatever the frozen layer's dtype: forward casts
+        # them to the activations' dtype, as autocast would (a no-op on an fp32 backbone)
 
     def instance_gates(self, x: torch.Tensor) -> torch.Tensor:
         """G^I(x): token-wise softmax over the experts; with ``top_k`` the softmax over the k largest
@@ -157,9 +158,9 @@ class LoRAMoELinear(nn.Linear):
             return y
         a = self.experts.down_weight()
         if self.training and self.drop.p > 0:
-            logits, z = self.router(x), F.linear(self.drop(x), a)
+            logits, z = F.linear(x, self.router.weight.to(x.dtype)), F.linear(self.drop(x), a.to(x.dtype))
         else:  # no dropout: the router and every expert's A read x in one GEMM
-            z, logits = F.linear(x, torch.cat([a, self.router.weight])).split(
+            z, logits = F.linear(x, torch.cat([a, self.router.weight]).to(x.dtype)).split(
                 [a.shape[0], self.router.out_features], -1)
         g = self._gates(logits)
         if st.record:
@@ -170,18 +171,23 @@ class LoRAMoELinear(nn.Linear):
         return self.experts.up(z, g, out=y, alpha=self.scaling)
 
     def _mixing(self, st: RoutingState, g: torch.Tensor):
-        """``(w, (1 - w) G^T(t))`` shaped to broadcast over ``g`` [B, ..., E] (cached per state version)."""
-        key = (st.version, g.dim(), g.dtype, g.device)
+        """``(w, (1 - w) G^T(t))`` shaped to broadcast over ``g`` [B, ..., E], or over tokens flattened
+        batch-major ``[B * L, E]`` (OPT's MLP) (cached per state version and leading size)."""
+        key = (st.version, g.dim(), g.shape[0], g.dtype, g.device)
         if getattr(self, "_mix_key", None) != key:
             w = st.mix_weights(g.device)
             if w is None:
                 self._mix = None
             else:
-                if g.dim() < 2 or g.shape[0] != w.shape[0]:
+                if g.dim() < 2 or g.shape[0] % w.shape[0]:
                     raise ValueError(f"{w.shape[0]} per-sample task ids for an input of batch {g.shape[0]} "
                                      "(task mixing needs batch-first inputs)")
+                ids = st.task_ids.to(g.device)
+                if g.shape[0] != w.shape[0]:  # flattened tokens: each sample's rows are contiguous
+                    per = g.shape[0] // w.shape[0]
+                    w, ids = w.repeat_interleave(per), ids.repeat_interleave(per)
                 shape = (w.shape[0],) + (1,) * (g.dim() - 2)
-                gt = self.task_gates[st.task_ids.to(g.device).clamp(min=0)]
+                gt = self.task_gates[ids.clamp(min=0)]
                 self._mix = (w.to(g.dtype).view(*shape, 1), ((1 - w)[:, None] * gt).to(g.dtype).view(*shape, -1))
             self._mix_key = key
         return self._mix
@@ -193,6 +199,8 @@ class LoRAMoELinear(nn.Linear):
         mask = self.state.token_mask
         if mask is not None and mask.shape == idx.shape[:-1]:
             idx = idx[mask.to(idx.device)]
+        elif mask is not None and idx.dim() == 2 and mask.numel() == idx.shape[0]:  # flattened [B * L] tokens
+            idx = idx[mask.reshape(-1).to(idx.device)]
         self.usage += torch.bincount(idx.reshape(-1), minlength=self.usage.shape[0])
 
     def add_task_gate(self, gate: torch.Tensor) -> int:

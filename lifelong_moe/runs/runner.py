@@ -17,7 +17,7 @@ import torch
 from ..runtime import distributed
 from .. import results as R
 from ..config import RunConfig
-from ..runtime.device import check_precision, describe_device, resolve_device
+from ..runtime.device import check_precision, describe_device, dtype_name, resolve_device
 from ..errors import UserError
 from ..families import family_of
 from ..registry import strategy_class
@@ -58,7 +58,8 @@ def build(cfg: RunConfig, progress: bool = True):
     family = family_of(cfg.backbone)
     model = family.load(cfg.backbone, progress)
     try:
-        stream = build_stream(cfg.stream, image_transform(model, cfg.training.augment), cfg.seed)
+        stream = build_stream(cfg.stream, image_transform(model, cfg.training.augment), cfg.seed,
+                              tokenizer=getattr(model, "tokenizer", None))
     except (ValueError, FileNotFoundError) as e:
         raise UserError(f"stream: {e}") from None
     if cfg.training.lr_per_experience and len(cfg.training.lr_per_experience) != len(stream.tasks):
@@ -99,7 +100,8 @@ def _run(cfg: RunConfig, run_dir: R.RunDir, *, resume, overwrite, stop_after, pr
     record = R.new_record(cfg, stream, evaluator.metric_kind, strategy.parameter_counts()) if not resume \
         else state
     record["timings"] = timings
-    R.record_runtime(record, describe_device(strategy.device), cfg.runtime.precision)
+    weights = dtype_name(strategy.model.dtype) if hasattr(cfg.backbone, "dtype") else None  # as loaded
+    R.record_runtime(record, describe_device(strategy.device), strategy.precision, weights)
     if not resume:
         run_dir.start(cfg, record)
     else:

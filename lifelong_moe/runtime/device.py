@@ -5,6 +5,11 @@ every strategy. Mixed precision follows torch's recipe (https://pytorch.org/docs
 weights and optimiser state stay fp32, forward passes run under ``torch.autocast`` (losses are
 computed in fp32), and fp16 scales the loss with a ``GradScaler`` so small gradients do not
 underflow. ``fp32`` uses no autocast at all, so its numbers are those of plain fp32 code.
+
+A backbone may also *store* its frozen weights in half precision (``backbone.dtype`` of a VLM):
+:func:`resolve_precision` makes such a run compute under autocast in that dtype (trainable state,
+kept fp32 by :func:`keep_trainable_fp32`, meets the half-precision activations under autocast), and
+:func:`dtype_name` names the dtype the weights were actually loaded in, for the record.
 """
 from __future__ import annotations
 
@@ -52,6 +57,36 @@ def check_precision(device: str | torch.device, precision: str) -> None:
     dev = torch.device(device)
     if precision == "bf16" and dev.type == "cuda" and not torch.cuda.is_bf16_supported(including_emulation=False):
         raise UserError(f"runtime.precision: bf16 is not supported by {describe_device(dev)}; use fp16 or fp32")
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    """``fp32`` / ``bf16`` / ``fp16`` for a torch dtype (its torch name for any other)."""
+    return next((k for k, v in PRECISIONS.items() if v == dtype), str(dtype).removeprefix("torch."))
+
+
+def resolve_precision(dtype: str, precision: str | None, where: str = "runtime.precision") -> str:
+    """The autocast precision for frozen weights stored in ``dtype``: ``precision`` when given (it must
+    be ``dtype`` when the weights are half precision: trainable fp32 state meets half-precision
+    activations only under autocast, so a bf16 backbone computing without it or under fp16 is
+    refused), else ``dtype``. UserError on a mismatch."""
+    if precision is None:
+        return dtype
+    if dtype != "fp32" and precision != dtype:
+        raise UserError(f"{where}: {precision} with backbone.dtype {dtype}: weights stored in {dtype} compute under "
+                        f"{dtype} autocast; set {where}: {dtype} (or leave it out), or backbone.dtype: fp32")
+    return precision
+
+
+def keep_trainable_fp32(module: torch.nn.Module) -> list[str]:
+    """Cast every trainable floating-point parameter of ``module`` to fp32 in place (the Parameter
+    objects stay the same); a half-precision backbone gives injected adapters its dtype (peft, CL-MoE's
+    projector), but optimiser steps need fp32 master weights. Returns the names cast (none in fp32)."""
+    cast = []
+    for name, p in module.named_parameters():
+        if p.requires_grad and p.is_floating_point() and p.dtype != torch.float32:
+            p.data = p.data.float()
+            cast.append(name)
+    return cast
 
 
 def describe_device(device: str | torch.device) -> str:
