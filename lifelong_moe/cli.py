@@ -43,10 +43,22 @@ def compare_variants(outs: list[Path], what: str = "plots and tables") -> None:
         print(f"\nno comparison plots: {e}")
 
 
+def _skip_data_needs_dry_run(a) -> None:
+    if getattr(a, "skip_data", False) and not getattr(a, "dry_run", False):
+        raise UserError("--skip-data only applies to --dry-run (a real run reads its data)")
+
+
 def cmd_run(a) -> int:
     from .api import run
 
     only = [w.strip() for w in a.only.split(",") if w.strip()] if a.only else None
+    _skip_data_needs_dry_run(a)
+    if getattr(a, "dry_run", False):  # plan it, writing nothing (lifelong_moe/runs/dry_run.py)
+        from .config import load_config
+        from .runs.dry_run import dry_run
+
+        dry_run("run", load_config(a.config, a.overrides, only=only), check_data=not getattr(a, "skip_data", False))
+        return 0
     outs = run(a.config, a.overrides, a.output, only=only, resume=a.resume, overwrite=a.overwrite,
                stop_after=a.stop_after, jobs=a.jobs, quiet=a.quiet)
     from .runtime import distributed
@@ -71,7 +83,13 @@ def cmd_edit(a) -> int:
 
     only = [w.strip() for w in a.only.split(",") if w.strip()] if a.only else None
     overrides = list(a.overrides) + list(a.set or [])
+    _skip_data_needs_dry_run(a)
     configs = load_edit_config(a.config, overrides, only=only)
+    if getattr(a, "dry_run", False):  # plan it (lifelong_moe/runs/dry_run.py)
+        from .runs.dry_run import dry_run
+
+        dry_run("edit", configs, check_data=not getattr(a, "skip_data", False))
+        return 0
     multi = len(configs) > 1 or "/" in configs[0].name
     outs = [Path(a.output) / cfg.name.rsplit("/", 1)[-1] if (a.output and multi) else output_dir(cfg, a.output)
             for cfg in configs]
@@ -221,6 +239,8 @@ def cmd_bench(a) -> int:
         from .bench.cl_moe import main as bench_main
     elif a.what == "edit":
         from .bench.edit import main as bench_main
+    elif a.what == "edit_store":
+        from .bench.edit_store import main as bench_main
     elif a.what == "moe_scale":
         from .bench.scale import main as bench_main
     elif a.what == "quickstart":
@@ -274,6 +294,10 @@ def parser() -> argparse.ArgumentParser:
     r.add_argument("-j", "--jobs", type=int, help="variants run at once, one process each "
                    "(default: runtime.jobs of the config)")
     r.add_argument("-q", "--quiet", action="store_true", help="no progress bars or per-row logs")
+    r.add_argument("--dry-run", action="store_true", help="plan the run and print it: every data file checked, "
+                   "the model built from its config on the meta device, one training and one generation step "
+                   "traced, memory per device; offline, no weights loaded")
+    r.add_argument("--skip-data", action="store_true", help="with --dry-run: do not check the data files")
     r.set_defaults(fn=cmd_run)
     sw = sub.add_parser("sweep", help="configs x variants x seeds x grid, one results directory per run, on Ray "
                         "(or --local); re-running it skips finished runs and resumes stopped ones")
@@ -304,6 +328,8 @@ def parser() -> argparse.ArgumentParser:
     e.add_argument("--only", help="comma-separated variant names to run")
     e.add_argument("-j", "--jobs", type=int, help="variants run at once, one process each (default: runtime.jobs)")
     e.add_argument("-q", "--quiet", action="store_true", help="no per-step logs")
+    e.add_argument("--dry-run", action="store_true", help="plan the edit run (see run --dry-run)")
+    e.add_argument("--skip-data", action="store_true", help="with --dry-run: do not check the record files")
     e.set_defaults(fn=cmd_edit)
     f = sub.add_parser("fit", help="meta-train an editing method on an edit config's train split and write its "
                        "fitted weights (docs/liveedit.md)")
@@ -337,9 +363,10 @@ def parser() -> argparse.ArgumentParser:
     pt.set_defaults(fn=cmd_pretrain)
     b = sub.add_parser("bench", help="cost benchmarks (moe: MoE-Adapters vs dense adapter and plain CLIP; cl_moe: CL-MoE vs one dense LoRA on the tiny VLM; "
                        "moe_scale: MoE-Adapters + DDAS on ViT-B/16 shapes as tasks accumulate; quickstart: the CLIP quickstart cold and warm; "
-                       "edit: answering with 10,000 stored edits, edit() cost, bytes per edit)",
+                       "edit: answering with 10,000 stored edits, edit() cost, bytes per edit; "
+                       "edit_store: the edit store's bytes per edit and per one-edit save at LLaVA-1.5 sizes)",
                        add_help=False)
-    b.add_argument("what", choices=["moe", "cl_moe", "moe_scale", "quickstart", "edit"])
+    b.add_argument("what", choices=["moe", "cl_moe", "moe_scale", "quickstart", "edit", "edit_store"])
     b.add_argument("args", nargs=argparse.REMAINDER, help="options of python -m lifelong_moe.bench.moe_adapters (--help)")
     b.set_defaults(fn=cmd_bench)
     sub.add_parser("list", help="known streams, datasets, backbones, strategies, metrics").set_defaults(fn=cmd_list)
