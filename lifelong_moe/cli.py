@@ -241,6 +241,8 @@ def cmd_bench(a) -> int:
         from .bench.edit import main as bench_main
     elif a.what == "edit_store":
         from .bench.edit_store import main as bench_main
+    elif a.what == "meta_cache":
+        from .bench.meta_cache import main as bench_main
     elif a.what == "moe_scale":
         from .bench.scale import main as bench_main
     elif a.what == "quickstart":
@@ -364,9 +366,10 @@ def parser() -> argparse.ArgumentParser:
     b = sub.add_parser("bench", help="cost benchmarks (moe: MoE-Adapters vs dense adapter and plain CLIP; cl_moe: CL-MoE vs one dense LoRA on the tiny VLM; "
                        "moe_scale: MoE-Adapters + DDAS on ViT-B/16 shapes as tasks accumulate; quickstart: the CLIP quickstart cold and warm; "
                        "edit: answering with 10,000 stored edits, edit() cost, bytes per edit; "
-                       "edit_store: the edit store's bytes per edit and per one-edit save at LLaVA-1.5 sizes)",
+                       "edit_store: the edit store's bytes per edit and per one-edit save at LLaVA-1.5 sizes; "
+                       "meta_cache: LiveEdit's meta-training cache per record at LLaVA-1.5 input sizes)",
                        add_help=False)
-    b.add_argument("what", choices=["moe", "cl_moe", "moe_scale", "quickstart", "edit", "edit_store"])
+    b.add_argument("what", choices=["moe", "cl_moe", "moe_scale", "quickstart", "edit", "edit_store", "meta_cache"])
     b.add_argument("args", nargs=argparse.REMAINDER, help="options of python -m lifelong_moe.bench.moe_adapters (--help)")
     b.set_defaults(fn=cmd_bench)
     sub.add_parser("list", help="known streams, datasets, backbones, strategies, metrics").set_defaults(fn=cmd_list)

@@ -24,7 +24,7 @@ See ``docs/liveedit.md`` for every deviation from the reference."""
 from __future__ import annotations
 
 import time
-from typing import Literal, Mapping, Sequence
+from typing import Callable, Literal, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -79,8 +79,11 @@ class Params(Strict):
     every_generation_step: bool = Field(True, description="apply the residual on every cached generation "
                                         "step (False: the reference's first forward only)")
     cache_train_states: bool = Field(True, description="run the frozen backbone once per train record and keep "
-                                     "its hooked-block states (memory: records x 4 x length x d floats); False "
-                                     "reruns it every step (large backbones)")
+                                     "its hooked-block states (memory: records x 4 x length x d floats, printed "
+                                     "before it starts); False reruns it every step (large backbones)")
+    cache_limit_gb: float = Field(4.0, gt=0, description="largest frozen-state cache meta-training keeps (GiB, "
+                                  "estimated from the first records); a larger one is not built and the frozen "
+                                  "backbone reruns every step")
     seed: int = Field(0, description="initialisation of the trainable modules")
     fitted: str = Field("auto", min_length=1, description="where the Editor gets the meta-trained weights: 'auto' "
                         "(the shipped ones when fitted on this backbone with these settings; else the edit runner "
@@ -110,6 +113,15 @@ def default_layer(depth: int) -> int:
     for its three 32-layer LLMs (``configs/liveedit/*.yaml``: ``edit_layer_i: 21``), 2 of 4 for the tiny
     VLM (so one block still follows the edited one, as eleven do in the reference)."""
     return max(0, -(-2 * depth // 3) - 1)
+
+
+def _progress_line(step: int, steps: int, history: list[dict], window: int, seconds: float) -> str:
+    """``meta-training step 2000/40000: rel 0.41 gen 0.62 ... (140 s, about 2660 s left)``, the losses
+    averaged over the last ``window`` steps."""
+    recent = history[-window:]
+    losses = " ".join(f"{k} {np.mean([h[k] for h in recent]):.3g}" for k in recent[-1])
+    return (f"meta-training step {step}/{steps}: {losses} ({seconds:.0f} s, "
+            f"about {seconds / step * (steps - step):.0f} s left)")
 
 
 class _Stop(Exception):
@@ -160,7 +172,7 @@ class Method:
                             f"(0..{depth - 1})")
         self.vlm, self.layer = vlm, layer
         self._edits, self._bank = EditBank(EDIT_KEYS, vlm.device), None
-        d = vlm.language_model.config.hidden_size
+        d = vlm.hidden_size
         sentinel = None if self.nets is None else self.nets.input_extractor.sentinel
         if sentinel is not None and tuple(sentinel.shape[1:]) == (vlm.num_image_tokens, d):
             self.nets.to(vlm.device)  # re-attached: keep the learned weights
@@ -169,8 +181,9 @@ class Method:
         if self._pending_state is not None:
             self.load_state_dict(self._pending_state)
             self._pending_state = None
-        self._hooks = [vlm.model.register_forward_pre_hook(self._on_model_call, with_kwargs=True),
-                       vlm.model.register_forward_hook(self._after_model_call),
+        call = vlm.call_module  # the model (BLIP-2: its language model, which its generate() calls)
+        self._hooks = [call.register_forward_pre_hook(self._on_model_call, with_kwargs=True),
+                       call.register_forward_hook(self._after_model_call),
                        layers[layer].register_forward_pre_hook(self._on_block_input, with_kwargs=True),
                        layers[layer].register_forward_hook(self._on_block_output)]
 
@@ -260,9 +273,11 @@ class Method:
         From the VLM's running batch when it is this call's; otherwise every attended non-image token
         counts as prompt (the reference's behaviour without ``query_range``)."""
         ids = self._step.get("ids")
+        batch = getattr(self.vlm, "current_batch", None)
+        if ids is None and batch is not None and tuple(batch.input_ids.shape) == tuple(shape):
+            ids = batch.input_ids  # a call on embeddings (BLIP-2's language model): the running batch's ids
         if ids is None or tuple(ids.shape) != tuple(shape):
             return None
-        batch = getattr(self.vlm, "current_batch", None)
         if batch is not None and batch.input_ids.shape == ids.shape and torch.equal(batch.input_ids, ids):
             image, prompt = batch.image_mask, batch.prompt_mask
         else:
@@ -367,8 +382,7 @@ class Method:
         call kwargs)`` to resume from."""
         self._capture = {}
         try:
-            self.vlm.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
-                           pixel_values=batch.pixel_values, use_cache=False)
+            self.vlm.model(**self.vlm.model_inputs(batch), use_cache=False)
         except _Stop:
             pass
         finally:
@@ -378,19 +392,20 @@ class Method:
     def _resume(self, hidden: torch.Tensor, kwargs: dict) -> torch.Tensor:
         """Logits from the hooked block's (edited) output: the blocks after it, the final norm and the
         LM head (so the hooked block runs once, unlike the reference's training forward)."""
-        lm = self.vlm.language_model
-        for block in lm.layers[self.layer + 1:]:
+        for block in self.vlm.decoder_layers[self.layer + 1:]:
             out = block(hidden, **kwargs)
             hidden = out[0] if isinstance(out, tuple) else out
-        return self.vlm.model.get_output_embeddings()(lm.norm(hidden))
+        return self.vlm.model.get_output_embeddings()(self.vlm.final_norm(hidden))
 
     # ------------------------------------------------------------------ meta-training
-    def fit(self, train: Sequence[EditRecord], *, seed: int = 0) -> dict:
+    def fit(self, train: Sequence[EditRecord], *, seed: int = 0,
+            progress: Callable[[str], None] | None = None) -> dict:
         """Meta-train on ``train`` (records with image, rephrase, image_rephrase and m_loc) with the
         reference's losses (``liveedit.py:354-465``): CE on reliability and generality, KL(post||pre)
         on image locality, the soft-routing relative + absolute losses and the hard-routing
         neighbour + sentinel losses, all weighted 1. Starts from freshly initialised modules (``seed``
-        and ``Params.seed``), so a fit is reproducible; returns statistics."""
+        and ``Params.seed``), so a fit is reproducible; returns statistics. ``progress`` gets a line
+        every twentieth of the steps: the mean losses since the last line and the time left."""
         self._require()
         p = self.params
         usable = [r for r in train if r.image is not None and r.image_rephrase is not None and r.m_loc is not None]
@@ -403,7 +418,9 @@ class Method:
         bank, self._bank = self._bank, None
         start, history = time.perf_counter(), []
         try:
-            cache = self._frozen_cache(usable) if p.cache_train_states else None
+            # cached states are re-padded with text positions: not where the pictures move them (M-RoPE)
+            cached = p.cache_train_states and self.vlm.adapter.padding_positions
+            cache = self._frozen_cache(usable, progress=progress) if cached else None
             cache_seconds = time.perf_counter() - start
             self.nets.train()
             with torch.random.fork_rng(devices=[]):
@@ -419,6 +436,9 @@ class Method:
                     loss.backward()
                     opt.step()
                     history.append({k: float(v.detach()) for k, v in losses.items()})
+                    if progress and ((step + 1) % max(1, p.steps // 20) == 0 or step + 1 == p.steps):
+                        progress(_progress_line(step + 1, p.steps, history, max(1, p.steps // 20),
+                                                time.perf_counter() - start - cache_seconds))
         finally:
             self.nets.eval()
             self._bank = bank
@@ -448,11 +468,25 @@ class Method:
                 "pre_loc": pre_loc.float().log_softmax(-1)}
 
     @torch.no_grad()
-    def _frozen_cache(self, recs: list[EditRecord], chunk: int = 32) -> list[list[dict]]:
+    def _frozen_cache(self, recs: list[EditRecord], chunk: int = 32,
+                      progress: Callable[[str], None] | None = None) -> list[list[dict]] | None:
         """The frozen pass of every record once, trimmed per record and input kind
-        (``cache_train_states``; :mod:`lifelong_moe.editing.frozen_states`)."""
-        return [rows for i in range(0, len(recs), chunk)
-                for rows in frozen_states.trim(self._frozen(recs[i:i + chunk]))]
+        (``cache_train_states``; :mod:`lifelong_moe.editing.frozen_states`). Its size is estimated
+        from the first ``chunk`` records and said first; None (no cache) above ``cache_limit_gb``."""
+        cache = frozen_states.trim(self._frozen(recs[:chunk]))
+        per = sum(map(frozen_states.bytes_per_record, cache)) / len(cache)
+        total, limit = per * len(recs), self.params.cache_limit_gb * 2 ** 30
+        size = f"{per / 2 ** 10:.0f} KiB per record x {len(recs)} records = {total / 2 ** 20:.1f} MiB"
+        if total > limit:
+            if progress:
+                progress(f"meta-training without a frozen-state cache: it would take {size} (cache_limit_gb "
+                         f"{self.params.cache_limit_gb:g}); the frozen backbone runs at every step")
+            return None
+        if progress:
+            progress(f"meta-training cache: {size} (hooked-block states, spans and labels of the 4 inputs, "
+                     "pre-edit log-probabilities at the locality answer's tokens)")
+        return cache + [rows for i in range(chunk, len(recs), chunk)
+                        for rows in frozen_states.trim(self._frozen(recs[i:i + chunk]))]
 
     def _from_cache(self, cache: list[list[dict]], pick) -> dict:
         """A training batch like :meth:`_frozen`'s, from cached rows."""

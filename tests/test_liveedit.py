@@ -276,6 +276,44 @@ def test_resuming_after_the_hooked_block_runs_it_once(vlm, method, records):
         assert not torch.allclose(method._resume(twice, kwargs), logits(vlm, batch), atol=1e-3)
 
 
+def test_the_cache_keeps_pre_edit_log_probs_only_where_the_locality_loss_reads_them(vlm, records):
+    """At the locality input's answer tokens alone (not every position), and it says its size first."""
+    from lifelong_moe.backbones.vlm import IGNORE
+    from lifelong_moe.editing.frozen_states import bytes_per_record
+
+    m = Method(Params())
+    m.attach(vlm)
+    try:
+        lines = []
+        cache = m._frozen_cache(records[:6], chunk=4, progress=lines.append)
+        for rec in cache:
+            loc = rec[-1]
+            answer = int((loc["labels"] != IGNORE).sum())
+            assert loc["pre_loc_at"].shape == (answer, vlm.model.config.text_config.vocab_size)
+            assert loc["pre_loc_pos"].tolist() == (loc["labels"][1:] != IGNORE).nonzero().flatten().tolist()
+        per = sum(map(bytes_per_record, cache[:4])) / 4  # estimated from the first chunk
+        assert len(lines) == 1 and f"{per / 2 ** 10:.0f} KiB per record x 6 records" in lines[0], lines
+        lines.clear()
+        m.params.cache_limit_gb = per * 5 / 2 ** 30  # the 6 records would not fit: no cache, said so
+        assert m._frozen_cache(records[:6], chunk=4, progress=lines.append) is None
+        assert "without a frozen-state cache" in lines[0] and "runs at every step" in lines[0], lines
+    finally:
+        m.detach()
+
+
+def test_bench_meta_cache_counts_the_log_probs_at_answer_tokens_only(one_thread):
+    """``bench meta_cache`` at a tiny width: 576 image tokens and LLaVA's vocabulary, the log-probs kept
+    at the answer tokens are a small fraction of what every position would take."""
+    from lifelong_moe.bench.meta_cache import cache_cost
+
+    r = cache_cost(records=2, hidden=64, layers=1)
+    assert r["setup"]["tokens_per_input_mean"] > 576
+    assert 0 < r["pre_loc_bytes_per_record"] < r["pre_loc_bytes_per_record_at_every_position"] / 50
+    states = 4 * r["setup"]["tokens_per_input_mean"] * 64 * 4  # 4 inputs x tokens x d x fp32
+    assert r["cache_bytes_per_record"] >= states + r["pre_loc_bytes_per_record"]
+    assert r["said_before_building"][0].startswith("meta-training cache: ")
+
+
 @pytest.mark.parametrize("layer", [None, 3])  # a block follows the hooked one / the last block
 def test_cached_frozen_states_give_the_losses_of_a_fresh_pass(vlm, records, layer):
     """Meta-training caches each record's frozen hooked-block states once; a batch rebuilt from the

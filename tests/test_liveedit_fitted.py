@@ -54,6 +54,19 @@ def logits(vlm, recs):
     return vlm.logits(vlm.batch(torch.stack([r.image for r in recs]), [r.src for r in recs], [r.alt for r in recs]))
 
 
+def test_meta_training_reports_its_progress_without_changing_the_fit(base_vlm, train):
+    lines, quiet = [], Editor(copy.deepcopy(base_vlm), "liveedit", steps=40, batch_size=2)
+    loud = Editor(copy.deepcopy(base_vlm), "liveedit", steps=40, batch_size=2)
+    a, b = quiet.fit(train), loud.fit(train, progress=lines.append)
+    assert lines[0].startswith("meta-training cache: ") and "KiB per record x 4 records" in lines[0], lines[0]
+    steps = lines[1:]
+    assert [ln.split(":")[0] for ln in steps] == [f"meta-training step {2 * (i + 1)}/40" for i in range(20)]
+    assert all("rel " in ln and "hard_sentinel " in ln and "s left)" in ln for ln in steps), steps[-1]
+    assert a["final_losses"] == b["final_losses"]
+    for (k, v), w in zip(quiet.method.state_dict().items(), loud.method.state_dict().values()):
+        assert torch.equal(v, w), k
+
+
 def test_save_then_load_gives_bit_identical_edits(base_vlm, train, recs, tmp_path):
     a = Editor(copy.deepcopy(base_vlm), "liveedit", **SMALL)
     a.fit(train)

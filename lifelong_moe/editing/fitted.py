@@ -170,6 +170,18 @@ def find_shipped(method: str, tag: str, key: dict) -> Path | None:
     return p if p.is_file() and manifest_path(p).is_file() else None
 
 
+def shipped_keys(method: str, tag: str) -> list[dict]:
+    """The settings (``key``) of every artefact shipped for this method and backbone tag, e.g. to run a
+    benchmark with the shipped weights without restating their settings."""
+    keys = []
+    for p in sorted(shipped_dir(method).glob(f"{method}-{tag}-*.safetensors")):
+        try:
+            keys.append(read_json(info_path(p))["key"])
+        except (OSError, ValueError, KeyError, TypeError):
+            continue  # a damaged JSON: loading that artefact reports it
+    return keys
+
+
 def fitted_on(artefact: Path) -> str | None:
     """The weight fingerprint of the backbone an artefact was fitted on (None if its JSON cannot say)."""
     try:

@@ -208,13 +208,13 @@ def fit_and_save(cfg: EditConfig, out: str | Path | None, *, ship: bool = False,
         if not getattr(method, "needs_fit", False):
             raise UserError(f"method {cfg.method.name!r} learns nothing before editing: nothing to fit")
         editor = Editor(cfg.backbone.model_dump(mode="json"), method, seed=cfg.seed,
-                        device=resolve_device(cfg.runtime.device))
+                        device=resolve_device(cfg.runtime.device), precision=cfg.runtime.precision)
         if ship and not editor.backbone_source.get("shipped"):
             raise UserError("--ship: the backbone did not resolve to the shipped tiny VLM")
         train = load_train(cfg, editor.vlm)
         log(f"[{cfg.name}] meta-training {cfg.method.name} on {len(train)} train records "
             f"({getattr(cfg.method_params(), 'steps', '?')} steps)")
-        stats = editor.fit(train, train=describe_train(cfg, len(train)))
+        stats = editor.fit(train, train=describe_train(cfg, len(train)), progress=lambda m: log(f"[{cfg.name}] {m}"))
     path = editor.save_fitted(F.shipped_dir(cfg.method.name) if ship else out)
     log(f"[{cfg.name}] fitted in {stats.get('seconds')} s (final losses {stats.get('final_losses')}): {path}")
     if ship:
@@ -232,6 +232,11 @@ def _run(cfg: EditConfig, run_dir: R.RunDir, *, resume: bool, overwrite: bool, l
         return run_dir.path
     t0 = time.perf_counter()
     editor = Editor.from_edit_config(cfg)  # loads fitted weights (fitted: <path>, or shipped ones that match)
+    with editor.autocast():  # runtime.precision over every model call: fit, pre-edit cache, edits, scoring
+        return _edit(cfg, run_dir, editor, t0, resume=resume, overwrite=overwrite, log=log)
+
+
+def _edit(cfg: EditConfig, run_dir: R.RunDir, editor, t0: float, *, resume: bool, overwrite: bool, log) -> Path:
     train, evals = load_data(cfg, editor.vlm)
     plan, why = fit_plan(cfg, editor, train)
     ev = cfg.evaluation
@@ -250,7 +255,7 @@ def _run(cfg: EditConfig, run_dir: R.RunDir, *, resume: bool, overwrite: bool, l
     if resume and record.get("tasks") != fresh["tasks"]:
         raise UserError(f"--resume: {run_dir.path} was cut into other edit chunks; start it again with --overwrite")
     record["timings"]["setup_s"] = round(time.perf_counter() - t0, 3)
-    R.record_runtime(record, str(editor.vlm.device), cfg.runtime.precision)
+    R.record_runtime(record, str(editor.vlm.device), editor.precision, editor.dtype)  # as applied
     ckpt = _fit_checkpoint(run_dir)
     if not resume:
         ckpt.unlink(missing_ok=True)  # --overwrite: never reuse an older run's meta-training
@@ -271,7 +276,8 @@ def _run(cfg: EditConfig, run_dir: R.RunDir, *, resume: bool, overwrite: bool, l
     else:
         if why:
             log(f"[{cfg.name}] {why}")
-        fit_log = editor.fit(train, train=describe_train(cfg, len(train))) if plan == "fit" else {}
+        fit_log = (editor.fit(train, train=describe_train(cfg, len(train)), progress=lambda m: log(f"[{cfg.name}] {m}"))
+                   if plan == "fit" else {})
         record["timings"]["fit_s"] = round(time.perf_counter() - t, 3)
         if plan == "fit" and cfg.output.checkpoints:
             from safetensors.torch import save_file
