@@ -86,6 +86,24 @@ def test_the_shipped_generators_make_sequential_edits_that_generalise_and_keep_l
     assert got["text_locality"] == 1.0 and got["image_locality"] >= 0.95, got  # text-only inputs bypass the edits
 
 
+def test_an_editor_named_liveedit_on_the_tiny_vlm_takes_the_shipped_generators():
+    """Editor("lmoe-tiny-llava", "liveedit") edits with the shipped generators and their settings;
+    settings of the caller's own, or fitted="none", leave it unfitted (it refuses to edit)."""
+    from lifelong_moe.editing.editor import Editor
+    from lifelong_moe.editing.fitted import FITTED_ROOT
+
+    editor = Editor("lmoe-tiny-llava", "liveedit")
+    assert editor.is_fitted and editor.fitted["source"] == "shipped"
+    assert FITTED_ROOT in Path(editor.fitted["path"]).parents
+    assert editor.method.params.max_experts == 8  # settings outside the weights' key stay the defaults
+    assert Editor("lmoe-tiny-llava", "liveedit", max_experts=None).is_fitted
+    for own in ({"rank": 8}, {"fitted": "none"}):
+        other = Editor("lmoe-tiny-llava", "liveedit", **own)
+        assert not other.is_fitted
+        with pytest.raises(UserError, match="not fitted"):
+            other.edit(image=None, prompt="what color is the circle ?", target="red")
+
+
 def test_a_recipe_override_trains_into_the_users_cache(tmp_path):
     small = {"steps": 2, "supervised_steps": 2, "batch_size": 8, "eval_test_per_class": 1}
     path = Path(resolve_synthetic("lmoe-tiny-vit", small, progress=False, cache_dir=tmp_path))

@@ -45,20 +45,11 @@ def world_records(vlm, n: int, seed: int):
             for i in range(n)]
 
 
-def shipped_settings(checkpoint: str | None) -> dict:
-    """The settings LiveEdit's generators were shipped with for this backbone checkpoint ({} if none)."""
-    from ..editing import fitted as F
-
-    keys = F.shipped_keys("liveedit", checkpoint) if checkpoint else []
-    return dict(keys[0]) if len(keys) == 1 else {}
-
-
 def edit_cost(method: str = "retrieval", params: dict | None = None, edits: int = 10000, real: int = 32,
               batch: int = 64, max_new_tokens: int = 8, repeats: int = 10, warmup: int = 2, threads: int = 2,
               pretrained: str | None = "synthetic", seed: int = 0, fit: int = 0) -> dict:
 
-    from ..editing.editor import Editor, build_vlm
-    from ..editing.registry import build_method
+    from ..editing.editor import Editor
 
     if fit and method != "liveedit":  # before the backbone is loaded (or pretrained, from an empty cache)
         raise UserError(f"--fit meta-trains LiveEdit; {method!r} has nothing to meta-train")
@@ -66,13 +57,11 @@ def edit_cost(method: str = "retrieval", params: dict | None = None, edits: int 
         params = {**(params or {}), "steps": fit}
     torch.set_num_threads(threads)
     torch.manual_seed(seed)
+    # built from the config, not an instance: LiveEdit then takes the generators shipped for the tiny VLM
+    # (and their settings) unless --set or --fit chooses others
     backbone = {"name": "lmoe-tiny-llava", "pretrained": pretrained}
-    vlm, _, source = build_vlm(backbone, seed=seed)
-    if method == "liveedit" and not fit:  # the shipped generators' settings, unless --set says otherwise
-        params = {**shipped_settings(source["checkpoint"]), **(params or {})}
-    # built from the config (not the instance) so that LiveEdit finds the generators shipped for it
-    empty = Editor(backbone, build_method(method, params or {}), seed=seed)
-    full = Editor(backbone, build_method(method, params or {}), seed=seed)
+    empty = Editor(backbone, method, seed=seed, **(params or {}))
+    full = Editor(backbone, method, seed=seed, **(params or {}))
     vlm = full.vlm
     fit_s = None
     if fit:  # how many experts the trained hard filter keeps sets the cost of answering

@@ -103,15 +103,15 @@ class Editor:
         self.dtype = dtype_name(self.vlm.dtype)  # the frozen weights', as loaded
         self.precision = resolve_precision(self.dtype, precision, where="precision")
         check_precision(self.vlm.device, self.precision)
+        self.fingerprint = backbone_fingerprint(self.vlm)  # of the unedited backbone, before any method hook
         if isinstance(method, str):
-            self.method = build_method(method, params)
+            self.method = build_method(method, {**self._shipped_settings(method, params), **params})
         else:
             if params:
                 raise UserError(f"method parameters {sorted(params)} are given with a method instance; set them on it")
             if not isinstance(method, EditMethod):
                 raise UserError(f"method: {type(method).__name__} does not implement the EditMethod protocol")
             self.method = method
-        self.fingerprint = backbone_fingerprint(self.vlm)  # of the unedited backbone, before any method hook
         self.method.attach(self.vlm)
         self.store = EditStore(self._header())
         self.method.set_edits({})
@@ -123,6 +123,17 @@ class Editor:
         from ..runtime.device import autocast
 
         return autocast(self.vlm.device, self.precision)
+
+    def _shipped_settings(self, method: str, given: Mapping) -> dict:
+        """The settings of the one artefact shipped for ``method`` on this backbone, when the caller chose
+        none of them and leaves ``fitted: auto``: ``Editor("lmoe-tiny-llava", "liveedit")`` then edits
+        with the shipped generators instead of refusing as unfitted. Empty otherwise."""
+        from . import fitted as F
+
+        if given.get("fitted", "auto") != "auto" or not F.FITTED_ROOT.joinpath(method).is_dir():
+            return {}
+        keys = F.shipped_keys(method, self.backbone_identity()["tag"])
+        return dict(keys[0]) if len(keys) == 1 and not set(keys[0]) & set(given) else {}
 
     def _header(self) -> dict:
         return {"method": self.method.name, "method_config": self.method.config(),
