@@ -48,7 +48,6 @@ def world_records(vlm, n: int, seed: int):
 def edit_cost(method: str = "retrieval", params: dict | None = None, edits: int = 10000, real: int = 32,
               batch: int = 64, max_new_tokens: int = 8, repeats: int = 10, warmup: int = 2, threads: int = 2,
               pretrained: str | None = "synthetic", seed: int = 0, fit: int = 0) -> dict:
-
     from ..editing.editor import Editor
 
     if fit and method != "liveedit":  # before the backbone is loaded (or pretrained, from an empty cache)

@@ -121,7 +121,6 @@ def read(artefact: Path) -> tuple[dict, dict]:
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
-
     artefact = Path(artefact)
     meta = info_path(artefact)
     if not meta.is_file():
